@@ -1,0 +1,3 @@
+"""Shipyard: a self-hosted command center for autonomous agent operations."""
+
+__version__ = "0.1.0"

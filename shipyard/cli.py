@@ -1,0 +1,243 @@
+"""The ``shipyard`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+
+from shipyard import __version__, instance, runtime
+from shipyard import settings as settings_mod
+from shipyard.errors import CommandRejected, NotRunning, ShipyardError
+from shipyard.events import commands, text
+from shipyard.events.dispatch import MAX_DISPATCH_BYTES
+from shipyard.events.envelope import aggregate_subject, valid_id
+from shipyard.events.log import ALL_EVENTS, EventLog, connect
+from shipyard.settings import Settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command ran and was refused, or failed
+EXIT_USAGE = 2  # argparse's own code for a malformed command line
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("where Shipyard runs")
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="data directory (env SHIPYARD_DATA_DIR; default ~/.local/share/shipyard)",
+    )
+    group.add_argument(
+        "--nats",
+        metavar="URL[,URL...]",
+        help="use these NATS servers instead of the embedded one (env SHIPYARD_NATS_URL)",
+    )
+    group.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="settings file (default <data dir>/shipyard.toml)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shipyard",
+        description=(
+            "Shipyard: a command center for autonomous agent operations. A dispatcher queues "
+            "build tasks; handlers drive a builder through an 8-phase pipeline; every fact is "
+            "an event in NATS JetStream."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"shipyard {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    up = sub.add_parser(
+        "up",
+        help="run Shipyard (starts the embedded NATS unless --nats is given)",
+        description=(
+            "Run Shipyard in the foreground until Ctrl-C. With no --nats, starts the "
+            "nats-server that comes with Shipyard, on loopback, with its store under the data "
+            "directory. Only one `up` may run per data directory."
+        ),
+    )
+    _common(up)
+    up.add_argument(
+        "--roles",
+        metavar="ROLE[,ROLE...]",
+        help=f"roles to run in this process (default: all of {', '.join(runtime.ROLES)})",
+    )
+    up.set_defaults(func=cmd_up)
+
+    dispatch = sub.add_parser(
+        "dispatch",
+        help="put a build task on the queue",
+        description=(
+            "Send a dispatch (the JSON of the dispatch protocol) and print the new task id. "
+            "The prompt needs the sections ## Task, ## Requirements, ## Environment (with the "
+            "working directory) and ## Deliverables (with README.md). On rejection every "
+            "problem is listed and the exit status is 1."
+        ),
+    )
+    _common(dispatch)
+    dispatch.add_argument("file", metavar="FILE|-", help="the dispatch JSON file, or - for stdin")
+    dispatch.add_argument("--json", action="store_true", help="print the whole task record as JSON")
+    dispatch.set_defaults(func=cmd_dispatch)
+
+    events = sub.add_parser(
+        "events",
+        help="print the event log as an audit trail",
+        description="Print recorded events, oldest first; --follow keeps printing new ones.",
+    )
+    _common(events)
+    events.add_argument("--task", metavar="ID", help="only this task's events")
+    events.add_argument("--type", metavar="TYPE", help="only events of this type")
+    events.add_argument(
+        "--from", dest="start", type=int, default=1, metavar="SEQ", help="start at this sequence"
+    )
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.set_defaults(func=cmd_events)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return settings_mod.load(config_file=args.config, data_dir=args.data_dir, nats_url=args.nats)
+
+
+async def _connect(cfg: Settings) -> NATS:
+    urls = cfg.nats_url
+    if not urls:
+        info = instance.read_info(cfg.data_dir)
+        if info is None:
+            raise NotRunning(
+                f"no Shipyard is running on {cfg.data_dir}: start it with `shipyard up` "
+                "(or pass --nats URL, or --data-dir of the running one)"
+            )
+        urls = list(info["nats_url"])
+    return await connect(
+        urls, name="shipyard-cli", user=cfg.nats_user or None, password=cfg.nats_password or None
+    )
+
+
+def _with_nats(args: argparse.Namespace, body: Callable[[NATS], Awaitable[int]]) -> int:
+    async def main() -> int:
+        nc = await _connect(_settings(args))
+        try:
+            return await body(nc)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cfg = _settings(args)
+    roles = runtime.parse_roles(args.roles)
+
+    def ready(info: dict[str, Any]) -> None:
+        where = "embedded nats-server" if info["embedded"] else "NATS"
+        print(f"Shipyard {__version__} is up ({', '.join(info['roles'])})", flush=True)
+        print(f"  {where}: {', '.join(info['nats_url'])}", flush=True)
+        print(f"  data:      {cfg.data_dir}", flush=True)
+        print("  dispatch:  shipyard dispatch task.json   (Ctrl-C stops)", flush=True)
+
+    asyncio.run(runtime.run(cfg, roles, on_ready=ready))
+    print("Shipyard stopped.", flush=True)
+    return EXIT_OK
+
+
+def _read_input(name: str) -> bytes:
+    if name == "-":
+        data = sys.stdin.buffer.read(MAX_DISPATCH_BYTES + 1)
+    else:
+        path = Path(name)
+        try:
+            with path.open("rb") as f:
+                data = f.read(MAX_DISPATCH_BYTES + 1)
+        except OSError as e:
+            raise ShipyardError(f"cannot read {name}: {e.strerror or e}") from e
+    return data
+
+
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    body = _read_input(args.file)
+
+    async def send(nc: NATS) -> int:
+        result = await commands.call(nc, "dispatch", body)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            note = "  (already dispatched with this idempotency key)" if result["duplicate"] else ""
+            print(f"{result['task_id']}{note}")
+        return EXIT_OK
+
+    return _with_nats(args, send)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    if args.task and not valid_id(args.task):
+        raise ShipyardError(f"{args.task!r} is not a task id")
+    subject = aggregate_subject("task", args.task) if args.task else ALL_EVENTS
+
+    async def show(nc: NATS) -> int:
+        log = EventLog(nc)
+        stream = (
+            log.follow(subject=subject, start=args.start)
+            if args.follow
+            else log.read(subject=subject, start=args.start, stop=None)
+        )
+        async for event in stream:
+            if args.type and event.type != args.type:
+                continue
+            if args.json:
+                sys.stdout.write(msgspec.json.encode(event).decode() + "\n")
+            else:
+                sys.stdout.write(text.line(event) + "\n")
+            sys.stdout.flush()
+        return EXIT_OK
+
+    return _with_nats(args, show)
+
+
+def _report(error: ShipyardError) -> None:
+    print(f"shipyard: {error}", file=sys.stderr)
+    if (
+        isinstance(error, CommandRejected)
+        and error.template
+        and any(p.startswith("payload.prompt") for p in error.problems)
+    ):
+        print("\nA dispatch prompt follows this form:\n", file=sys.stderr)
+        print(error.template, file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except ShipyardError as e:
+        _report(e)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

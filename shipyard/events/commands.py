@@ -1,0 +1,215 @@
+"""Commands: requests to change something, answered with a result or a clear refusal.
+
+Commands travel as NATS request/reply on ``sy.cmd.<name>`` and are served by a queue group,
+so several instances share them. The HTTP gateway calls the same functions, so both paths
+validate alike and end in the same events. A refused command is itself recorded.
+
+A reply is JSON: ``{"ok": true, "result": {...}}`` or
+``{"ok": false, "error": {"code": "...", "message": "...", "problems": [...]}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from shipyard.errors import (
+    AppendFailed,
+    CommandRejected,
+    CommandUnavailable,
+    ConcurrencyConflict,
+    ShipyardError,
+)
+from shipyard.events import dispatch
+from shipyard.events.envelope import make, new_id
+from shipyard.events.log import EventLog
+from shipyard.events.types import DispatchRejected, TaskDispatched
+
+log = logging.getLogger(__name__)
+
+COMMAND_PREFIX = "sy.cmd"
+QUEUE_GROUP = "shipyard-commands"
+COMMAND_TIMEOUT = 10.0  # seconds a caller waits for a reply
+MAX_EXCERPT = 2048  # characters of a refused request kept in its rejection event
+
+Handler = Callable[[bytes, str], Awaitable[dict[str, Any]]]
+
+
+def command_subject(name: str) -> str:
+    return f"{COMMAND_PREFIX}.{name}"
+
+
+class DispatchResult(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+    seq: int
+    duplicate: bool
+    task: TaskDispatched
+
+
+class Commands:
+    """The command logic, shared by the NATS service and the HTTP gateway."""
+
+    def __init__(self, events: EventLog) -> None:
+        self.events = events
+
+    async def dispatch(
+        self, body: bytes | str | dict[str, Any], *, actor: str = ""
+    ) -> DispatchResult:
+        """Validate and record a dispatch. A repeated ``idempotency_key`` returns the first
+        task instead of making a second."""
+        try:
+            _, data = dispatch.parse(body)
+            await self._check_references(data)
+        except dispatch.DispatchInvalid as e:
+            await self._reject("dispatch", e, body)
+            raise
+        actor = actor or f"dispatcher:{data.dispatcher}"
+        for _ in range(5):
+            task_id = dispatch.task_id_for(data.dispatcher, data.idempotency_key)
+            event = make(data, aggregate_id=task_id, actor=actor)
+            try:
+                seq = await self.events.append(event, expect=0)
+            except ConcurrencyConflict:
+                if not data.idempotency_key:
+                    continue  # two new ids met in the same millisecond: draw another
+                first = (await self.events.history("task", task_id))[0]
+                return DispatchResult(
+                    task_id=task_id, seq=first.seq, duplicate=True, task=first.data
+                )
+            return DispatchResult(task_id=task_id, seq=seq, duplicate=False, task=data)
+        raise AppendFailed("could not find a free task id; try again")
+
+    async def _check_references(self, data: TaskDispatched) -> None:
+        problems = []
+        for tid in data.after:
+            if not await self.events.last_seq("task", tid):
+                problems.append(f"after: no task {tid} exists")
+        if data.escalated_from and not await self.events.last_seq("task", data.escalated_from):
+            problems.append(f"escalated_from: no task {data.escalated_from} exists")
+        if problems:
+            raise dispatch.DispatchInvalid(problems, dispatcher=data.dispatcher, rework=data.rework)
+
+    async def _reject(self, command: str, error: CommandRejected, body: Any) -> None:
+        if isinstance(body, bytes):
+            excerpt = body[:MAX_EXCERPT].decode("utf-8", "replace")
+        elif isinstance(body, dict):
+            excerpt = msgspec.json.encode(body)[:MAX_EXCERPT].decode("utf-8", "replace")
+        else:
+            excerpt = str(body)[:MAX_EXCERPT]
+        data = DispatchRejected(
+            command=command,
+            problems=error.problems or [error.message],
+            dispatcher=getattr(error, "dispatcher", ""),
+            excerpt=excerpt,
+        )
+        event = make(data, aggregate_id=new_id("r-"), actor="commands")
+        try:
+            await self.events.append(event)
+        except ShipyardError:
+            log.exception("could not record a rejection", extra={"action": "reject_record"})
+
+
+def _error_reply(
+    code: str, message: str, problems: list[str] | None = None, **extra: Any
+) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message, "problems": problems or []}
+    error.update(extra)
+    return {"ok": False, "error": error}
+
+
+class CommandService:
+    """Serves ``sy.cmd.*`` in a queue group until stopped."""
+
+    def __init__(self, nc: NATS, commands: Commands) -> None:
+        self.nc = nc
+        self.commands = commands
+        self._sub: Any = None
+        self._handlers: dict[str, Handler] = {"dispatch": self._dispatch}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(
+            f"{COMMAND_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_message
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_message(self, msg: Msg) -> None:
+        # Each command in its own task: one slow append must not hold up the others.
+        task = asyncio.create_task(self._serve(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, msg: Msg) -> None:
+        name = msg.subject.rsplit(".", 1)[-1]
+        actor = (msg.headers or {}).get("Shipyard-Actor", "")
+        handler = self._handlers.get(name)
+        if handler is None:
+            known = ", ".join(sorted(self._handlers))
+            reply = _error_reply("unknown_command", f"no command {name!r}; known: {known}")
+        else:
+            try:
+                reply = await handler(msg.data, actor)
+            except dispatch.DispatchInvalid as e:
+                reply = _error_reply(e.code, e.message, e.problems, template=e.template)
+            except CommandRejected as e:
+                reply = _error_reply(e.code or "rejected", e.message, e.problems)
+            except ShipyardError as e:
+                reply = _error_reply("unavailable", e.message)
+            except Exception:
+                log.exception("command %s failed", name, extra={"action": "command_error"})
+                reply = _error_reply("internal", f"the {name} command failed; see the log")
+        if msg.reply:
+            try:
+                await msg.respond(msgspec.json.encode(reply))
+            except nats.errors.Error:
+                log.warning("could not reply to %s", name, extra={"action": "command_reply"})
+
+    async def _dispatch(self, body: bytes, actor: str) -> dict[str, Any]:
+        result = await self.commands.dispatch(body, actor=actor)
+        return {"ok": True, "result": msgspec.to_builtins(result)}
+
+
+async def call(
+    nc: NATS,
+    name: str,
+    body: bytes | dict[str, Any],
+    *,
+    timeout: float = COMMAND_TIMEOUT,
+    actor: str = "",
+) -> dict[str, Any]:
+    """Send a command and return its result; raise :class:`CommandRejected` on refusal."""
+    payload = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    headers = {"Shipyard-Actor": actor} if actor else None
+    try:
+        msg = await nc.request(command_subject(name), payload, timeout=timeout, headers=headers)
+    except nats.errors.NoRespondersError as e:
+        raise CommandUnavailable() from e
+    except nats.errors.TimeoutError as e:
+        raise CommandUnavailable(
+            f"no reply to {name} within {timeout:.0f}s; its outcome is unknown — check with "
+            "`shipyard events` before sending it again"
+        ) from e
+    reply = msgspec.json.decode(msg.data)
+    if reply.get("ok"):
+        result: dict[str, Any] = reply["result"]
+        return result
+    error = reply.get("error") or {}
+    raise CommandRejected(
+        error.get("message", "refused"),
+        error.get("problems"),
+        code=error.get("code", ""),
+        template=error.get("template", ""),
+    )

@@ -1,0 +1,280 @@
+"""The event log: one JetStream stream that holds every event Shipyard records.
+
+Guarantees, all enforced by the server rather than by locks of ours:
+
+- Appends are idempotent: ``Nats-Msg-Id`` is the event id, so a retried publish is stored
+  once, and a retry that meets a conflict checks whether its event already landed.
+- State changes are guarded per aggregate: ``expect=N`` appends only if the aggregate's last
+  event is at stream sequence ``N`` (``0``: the aggregate must not exist yet). A lost race
+  raises :class:`~shipyard.errors.ConcurrencyConflict`.
+- :meth:`EventLog.append_batch` stores several events atomically (all or none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from shipyard.errors import AppendFailed, ConcurrencyConflict, ConnectionFailed
+from shipyard.events.envelope import SUBJECT_PREFIX, Event, aggregate_subject, decode, encode
+from shipyard.events.types import REGISTRY, Registry
+
+log = logging.getLogger(__name__)
+
+STREAM = "SHIPYARD"
+ALL_EVENTS = f"{SUBJECT_PREFIX}.>"
+MAX_EVENT_BYTES = 1024 * 1024  # one event, encoded; the stream refuses anything larger
+DUPLICATE_WINDOW = 120.0  # seconds in which a repeated Nats-Msg-Id is recognised
+APPEND_TIMEOUT = 5.0  # seconds for one publish acknowledgement
+APPEND_RETRY_FOR = 30.0  # seconds an append keeps retrying while the server is unreachable
+
+ERR_WRONG_LAST_SEQUENCE = 10071
+ERR_BATCH_DUPLICATE_ID = 10201
+
+H_MSG_ID = "Nats-Msg-Id"
+H_EXPECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+H_EXPECT_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+H_BATCH_ID = "Nats-Batch-Id"
+H_BATCH_SEQ = "Nats-Batch-Sequence"
+H_BATCH_COMMIT = "Nats-Batch-Commit"
+
+
+async def connect(
+    servers: Sequence[str],
+    *,
+    name: str = "shipyard",
+    user: str | None = None,
+    password: str | None = None,
+    connect_timeout: float = 3.0,
+) -> NATS:
+    """Connect to NATS; once connected, reconnect forever if the connection drops."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc, extra={"action": "nats_error"})
+
+    async def on_disconnected() -> None:
+        # Also called on a deliberate close, so not a warning by itself.
+        log.info("nats: disconnected", extra={"action": "nats_disconnected"})
+
+    async def on_reconnected() -> None:
+        log.info("nats: reconnected", extra={"action": "nats_reconnected"})
+
+    try:
+        return await nats.connect(
+            servers=list(servers),
+            name=name,
+            user=user,
+            password=password,
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
+    except (TimeoutError, OSError, nats.errors.Error) as e:
+        shown = ", ".join(servers)
+        raise ConnectionFailed(
+            f"could not connect to NATS at {shown}: {e or type(e).__name__}. "
+            "Check that the server runs and the URL is right."
+        ) from e
+
+
+def stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=STREAM,
+        description="Shipyard: every event, immutable",
+        subjects=[ALL_EVENTS],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_msg_size=MAX_EVENT_BYTES,
+        duplicate_window=DUPLICATE_WINDOW,
+        deny_delete=True,
+        deny_purge=True,
+        allow_direct=True,
+        allow_atomic=True,
+    )
+
+
+class EventLog:
+    """Append to, read and follow the Shipyard stream over one NATS connection."""
+
+    def __init__(self, nc: NATS, *, registry: Registry = REGISTRY, stream: str = STREAM):
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=APPEND_TIMEOUT)
+        self.registry = registry
+        self.stream = stream
+
+    async def ensure_stream(self, replicas: int = 1) -> None:
+        """Create the stream, or bring an existing one's settings up to date."""
+        wanted = stream_config(replicas)
+        wanted.name = self.stream
+        try:
+            info = await self.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(wanted)
+            return
+        have = info.config
+        if not (have.allow_atomic and have.allow_direct and have.deny_delete and have.deny_purge):
+            wanted.num_replicas = have.num_replicas
+            await self.js.update_stream(wanted)
+
+    # --- appending ------------------------------------------------------------------
+
+    async def append(self, event: Event[Any], *, expect: int | None = None) -> int:
+        """Store one event and return its stream sequence.
+
+        ``expect``: the aggregate's last sequence this append is based on (``0`` for a new
+        aggregate); ``None`` appends unconditionally.
+        """
+        headers = {H_MSG_ID: event.id}
+        if expect is not None:
+            headers[H_EXPECT_SEQ] = str(expect)
+            headers[H_EXPECT_SUBJECT] = aggregate_subject(event.aggregate, event.aggregate_id)
+        reply = await self._request(event.subject, encode(event), headers)
+        return await self._settle(reply, [event], expect)
+
+    async def append_batch(
+        self, events: Sequence[Event[Any]], *, expect: int | None = None
+    ) -> list[int]:
+        """Store ``events`` atomically, in order; ``expect`` guards the first event's
+        aggregate. Returns their stream sequences."""
+        if not events:
+            return []
+        if len(events) == 1:
+            return [await self.append(events[0], expect=expect)]
+        batch_id = events[0].id
+        last = len(events)
+        for i, event in enumerate(events, start=1):
+            headers = {H_MSG_ID: event.id, H_BATCH_ID: batch_id, H_BATCH_SEQ: str(i)}
+            if i == 1 and expect is not None:
+                headers[H_EXPECT_SEQ] = str(expect)
+                headers[H_EXPECT_SUBJECT] = aggregate_subject(event.aggregate, event.aggregate_id)
+            if i < last:
+                await self.nc.publish(event.subject, encode(event), headers=headers)
+            else:
+                headers[H_BATCH_COMMIT] = "1"
+                reply = await self._request(event.subject, encode(event), headers)
+        seq = await self._settle(reply, events, expect)
+        return list(range(seq - last + 1, seq + 1))
+
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + APPEND_RETRY_FOR
+        while True:
+            try:
+                msg = await self.nc.request(
+                    subject, payload, timeout=APPEND_TIMEOUT, headers=headers
+                )
+                return json.loads(msg.data)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+                if loop.time() >= deadline:
+                    raise AppendFailed(
+                        f"no acknowledgement for {subject} within {APPEND_RETRY_FOR:.0f}s: "
+                        "is the NATS server up, with the Shipyard stream?"
+                    ) from e
+                # The same Nats-Msg-Id makes the retry safe if the first one landed.
+                await asyncio.sleep(0.25)
+
+    async def _settle(self, reply: Any, events: Sequence[Event[Any]], expect: int | None) -> int:
+        error = reply.get("error")
+        if not error:
+            return int(reply["seq"])
+        code = error.get("err_code")
+        if code in (ERR_WRONG_LAST_SEQUENCE, ERR_BATCH_DUPLICATE_ID):
+            # A retry of an append that landed meets its own event: that is success.
+            stored = await self._find(events[-1])
+            if stored:
+                return stored
+            first = events[0]
+            raise ConcurrencyConflict(
+                aggregate_subject(first.aggregate, first.aggregate_id), expect or 0
+            )
+        raise AppendFailed(f"the event log refused {events[0].subject}: {error.get('description')}")
+
+    async def _find(self, event: Event[Any]) -> int:
+        for stored in await self.history(event.aggregate, event.aggregate_id):
+            if stored.id == event.id:
+                return stored.seq
+        return 0
+
+    # --- reading --------------------------------------------------------------------
+
+    async def last_seq(self, aggregate: str, aggregate_id: str) -> int:
+        """The stream sequence of the aggregate's last event, 0 if it has none."""
+        try:
+            msg = await self.js.get_last_msg(
+                self.stream, aggregate_subject(aggregate, aggregate_id), direct=True
+            )
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
+    async def stream_last_seq(self) -> int:
+        info = await self.js.stream_info(self.stream)
+        return int(info.state.last_seq)
+
+    async def history(self, aggregate: str, aggregate_id: str) -> list[Event[Any]]:
+        """Every event of one aggregate, oldest first."""
+        last = await self.last_seq(aggregate, aggregate_id)
+        if not last:
+            return []
+        return [
+            e
+            async for e in self.read(
+                subject=aggregate_subject(aggregate, aggregate_id), start=1, stop=last
+            )
+        ]
+
+    async def read(
+        self, *, subject: str = ALL_EVENTS, start: int = 1, stop: int | None = None
+    ) -> AsyncIterator[Event[Any]]:
+        """Events from ``start`` up to ``stop`` (default: the stream's end now)."""
+        if stop is None:
+            stop = await self.stream_last_seq()
+        if stop < start:
+            return
+        async for event in self.follow(subject=subject, start=start):
+            if event.seq > stop:
+                return
+            yield event
+            if event.seq >= stop:
+                return
+
+    async def follow(
+        self, *, subject: str = ALL_EVENTS, start: int = 1
+    ) -> AsyncIterator[Event[Any]]:
+        """Every event on ``subject`` from sequence ``start`` on, then each new one as it
+        lands, forever. An ordered consumer: no gaps, no duplicates, and it survives
+        reconnects."""
+        async for seq, payload in self.follow_raw(subject=subject, start=start):
+            yield decode(payload, seq=seq, registry=self.registry)
+
+    async def follow_raw(
+        self, *, subject: str = ALL_EVENTS, start: int = 1
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """Like :meth:`follow`, without decoding: ``(sequence, json bytes)``."""
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start)
+        )
+        sub = await self.js.subscribe(
+            subject, ordered_consumer=True, config=config, stream=self.stream
+        )
+        try:
+            async for msg in sub.messages:
+                yield msg.metadata.sequence.stream, msg.data
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()

@@ -1,0 +1,273 @@
+"""Every event type Shipyard records, and the enums they share.
+
+Each event type is a frozen msgspec Struct with three class attributes: ``TYPE`` (its name
+on the wire and the last token of its subject), ``AGGREGATE`` (the kind of thing it is
+about) and ``VERSION`` (its schema version). :data:`REGISTRY` lists all of them; when a
+type's schema changes, bump ``VERSION`` and register an upcaster in
+:mod:`shipyard.events.envelope` for the old shape.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+
+
+class Priority(enum.StrEnum):
+    """How soon a task should run; ``rank`` orders them, most urgent first."""
+
+    URGENT = "urgent"
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {Priority.URGENT: 0, Priority.HIGH: 1, Priority.NORMAL: 2, Priority.LOW: 3}
+
+
+class Phase(enum.StrEnum):
+    """The eight phases of a run, in order. The handler posts every transition."""
+
+    CONTEXT = "context"
+    PLAN = "plan"
+    TASK_BOARD = "task_board"
+    BUILD = "build"
+    VALIDATE = "validate"
+    HEAL = "heal"
+    REPORT = "report"
+    CLOSE = "close"
+
+    @property
+    def position(self) -> int:
+        return list(Phase).index(self)
+
+    @property
+    def label(self) -> str:
+        return self.value.replace("_", " ").upper()
+
+
+class PhaseStatus(enum.StrEnum):
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class TaskState(enum.StrEnum):
+    """Where a task stands in its life."""
+
+    QUEUED = "queued"
+    BLOCKED = "blocked"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+
+
+class MessageType(enum.StrEnum):
+    COMMENT = "comment"
+    QUESTION = "question"
+    STATUS_REQUEST = "status_request"
+    STATUS_RESPONSE = "status_response"
+    DIRECTIVE = "directive"
+
+
+class EventData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """Base of every event payload."""
+
+    TYPE: ClassVar[str]
+    AGGREGATE: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+
+
+E = TypeVar("E", bound=type[EventData])
+
+
+class Registry:
+    """Maps an event type name to the class that decodes its current version."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[EventData]] = {}
+        self._upcasters: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+    def register(self, cls: E) -> E:
+        assert cls.TYPE.isidentifier(), f"event type {cls.TYPE!r} must be an identifier"
+        self._types[cls.TYPE] = cls
+        return cls
+
+    def upcaster(
+        self, type_name: str, from_version: int
+    ) -> Callable[
+        [Callable[[dict[str, Any]], dict[str, Any]]], Callable[[dict[str, Any]], dict[str, Any]]
+    ]:
+        """Register a function that turns ``type_name`` data of ``from_version`` into
+        ``from_version + 1``. Chains run until the current version is reached."""
+
+        def decorate(
+            fn: Callable[[dict[str, Any]], dict[str, Any]],
+        ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+            self._upcasters[(type_name, from_version)] = fn
+            return fn
+
+        return decorate
+
+    def get(self, type_name: str) -> type[EventData] | None:
+        return self._types.get(type_name)
+
+    def upcast(self, type_name: str, version: int, data: dict[str, Any]) -> dict[str, Any]:
+        cls = self._types[type_name]
+        while version < cls.VERSION:
+            step = self._upcasters.get((type_name, version))
+            if step is None:
+                raise KeyError(f"no upcaster for {type_name} v{version} -> v{version + 1}")
+            data = step(data)
+            version += 1
+        return data
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+    def copy(self) -> Registry:
+        other = Registry()
+        other._types = dict(self._types)
+        other._upcasters = dict(self._upcasters)
+        return other
+
+
+REGISTRY = Registry()
+register = REGISTRY.register
+
+
+# --- task: dispatch and queue ------------------------------------------------------------
+
+
+@register
+class TaskDispatched(EventData, frozen=True, kw_only=True):
+    """A dispatch was accepted: the task is on the queue (or blocked on ``after``)."""
+
+    TYPE: ClassVar[str] = "task_dispatched"
+    AGGREGATE: ClassVar[str] = "task"
+
+    title: str
+    prompt: str
+    dispatcher: str
+    priority: Priority = Priority.NORMAL
+    task_type: str = "build"
+    max_turns: int = 100
+    working_dir: str = ""
+    deliverables: list[str] = []
+    deliverable_files: list[str] = []
+    validation_command: str = ""
+    rework: bool = False
+    after: list[str] = []
+    group: str = ""
+    agent: str = ""
+    idempotency_key: str = ""
+    escalated_from: str = ""
+    request: dict[str, Any] = {}
+
+
+@register
+class DispatchRejected(EventData, frozen=True, kw_only=True):
+    """A dispatch (or another command) was refused; nothing else was recorded."""
+
+    TYPE: ClassVar[str] = "dispatch_rejected"
+    AGGREGATE: ClassVar[str] = "rejection"
+
+    command: str
+    problems: list[str]
+    dispatcher: str = ""
+    excerpt: str = ""
+
+
+@register
+class TaskClaimed(EventData, frozen=True, kw_only=True):
+    """A handler won the race for a task and will run it as ``run_id``."""
+
+    TYPE: ClassVar[str] = "task_claimed"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    handler: str
+    agent: str
+    attempt: int = 1
+
+
+@register
+class TaskCancelRequested(EventData, frozen=True, kw_only=True):
+    TYPE: ClassVar[str] = "task_cancel_requested"
+    AGGREGATE: ClassVar[str] = "task"
+
+    reason: str = ""
+
+
+@register
+class TaskRequeued(EventData, frozen=True, kw_only=True):
+    """A failed or cancelled task goes back on the queue as a new attempt."""
+
+    TYPE: ClassVar[str] = "task_requeued"
+    AGGREGATE: ClassVar[str] = "task"
+
+    attempt: int
+    reason: str = ""
+
+
+# --- task: the run ------------------------------------------------------------------------
+
+
+@register
+class PhaseChanged(EventData, frozen=True, kw_only=True):
+    """The handler moved a run into, or out of, one of the eight phases."""
+
+    TYPE: ClassVar[str] = "phase_changed"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    phase: Phase
+    status: PhaseStatus
+    action: str = ""
+    result: str = ""
+
+
+@register
+class WorkProgress(EventData, frozen=True, kw_only=True):
+    """The heartbeat of a run: posted by the handler every interval and at each phase."""
+
+    TYPE: ClassVar[str] = "work_progress"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    phase: Phase
+    percent: int
+    action: str = ""
+    turns: int = 0
+    tool_calls: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    last_tool: str = ""
+    blockers: list[str] = []
+
+
+@register
+class RunFinished(EventData, frozen=True, kw_only=True):
+    """A run ended: succeeded, failed or cancelled, with the reason."""
+
+    TYPE: ClassVar[str] = "run_finished"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    outcome: TaskState
+    reason: str = ""
+    summary: str = ""

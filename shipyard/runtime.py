@@ -1,0 +1,105 @@
+"""``shipyard up``: start the roles this process runs and keep them running until stopped.
+
+With no NATS URL configured, the embedded nats-server is started first and stopped last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from shipyard import __version__, instance
+from shipyard.embedded import EmbeddedNats
+from shipyard.errors import ConfigError
+from shipyard.events.commands import Commands, CommandService
+from shipyard.events.log import EventLog, connect
+from shipyard.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ROLES = ("commands",)  # every role this release can run
+DEFAULT_ROLES = ROLES
+
+
+def parse_roles(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return DEFAULT_ROLES
+    roles = tuple(dict.fromkeys(r.strip() for r in text.split(",") if r.strip()))
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise ConfigError(
+            f"unknown role{'s' if len(unknown) > 1 else ''} {', '.join(unknown) or '(none)'}: "
+            f"choose from {', '.join(ROLES)}"
+        )
+    return roles
+
+
+async def run(
+    settings: Settings,
+    roles: tuple[str, ...] = DEFAULT_ROLES,
+    *,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Run until ``stop`` is set, or until SIGINT / SIGTERM."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    lock = instance.InstanceLock(settings.data_dir)
+    lock.acquire()
+    server: EmbeddedNats | None = None
+    try:
+        if settings.embedded:
+            server = EmbeddedNats(settings.data_dir / "nats")
+            urls = [await asyncio.to_thread(server.start)]
+        else:
+            urls = list(settings.nats_url)
+        nc = await connect(
+            urls,
+            name=f"shipyard-up@{socket.gethostname()}",
+            user=settings.nats_user or None,
+            password=settings.nats_password or None,
+        )
+        try:
+            events = EventLog(nc)
+            await events.ensure_stream(replicas=settings.stream_replicas)
+            services: list[CommandService] = []
+            if "commands" in roles:
+                service = CommandService(nc, Commands(events))
+                await service.start()
+                services.append(service)
+            await nc.flush()
+            info = {
+                "pid": os.getpid(),
+                "version": __version__,
+                "nats_url": urls,
+                "embedded": settings.embedded,
+                "roles": list(roles),
+                "started": datetime.now(UTC).isoformat(),
+            }
+            instance.write_info(settings.data_dir, info)
+            if on_ready:
+                on_ready(info)
+            await stop.wait()
+            for service in reversed(services):
+                await service.stop()
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+        lock.release()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)

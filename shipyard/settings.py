@@ -1,0 +1,109 @@
+"""Settings: defaults, then ``shipyard.toml``, then ``SHIPYARD_*`` environment variables,
+then command-line flags — each overriding the one before.
+
+The settings file is ``<data dir>/shipyard.toml`` unless ``--config`` or
+``SHIPYARD_CONFIG`` names another.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shipyard.errors import ConfigError
+
+ENV_PREFIX = "SHIPYARD_"
+
+
+def default_data_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """``$XDG_DATA_HOME/shipyard``, else ``~/.local/share/shipyard``."""
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "shipyard"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    nats_url: list[str] = Field(
+        default_factory=list,
+        description="NATS servers to use; empty starts the embedded nats-server",
+    )
+    nats_user: str = ""
+    nats_password: str = ""
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+
+    @field_validator("nats_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
+
+    @field_validator("nats_url")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if "://" not in url:
+                raise ValueError(f"{url!r} is not a URL; write it as nats://host:4222")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return not self.nats_url
+
+
+_ENV_FIELDS = {
+    "DATA_DIR": "data_dir",
+    "NATS_URL": "nats_url",
+    "NATS_USER": "nats_user",
+    "NATS_PASSWORD": "nats_password",
+}
+
+
+def load(
+    *,
+    config_file: Path | None = None,
+    env: Mapping[str, str] = os.environ,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings from every source; ``overrides`` (flags) win, ``None`` is unset."""
+    values: dict[str, Any] = {}
+    from_env = {
+        field: env[ENV_PREFIX + name]
+        for name, field in _ENV_FIELDS.items()
+        if env.get(ENV_PREFIX + name)
+    }
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    data_dir = Path(flags.get("data_dir") or from_env.get("data_dir") or default_data_dir(env))
+    path = config_file or (Path(env["SHIPYARD_CONFIG"]) if env.get("SHIPYARD_CONFIG") else None)
+    if path is None and (data_dir / "shipyard.toml").is_file():
+        path = data_dir / "shipyard.toml"
+    if path is not None:
+        values.update(_read_file(path))
+    values.update(from_env)
+    values.update(flags)
+    values["data_dir"] = Path(values.get("data_dir", data_dir)).expanduser()
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as e:
+        where = f" (from {path})" if path else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid settings{where}: {problems}") from e
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"settings file {path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"settings file {path} is not valid TOML: {e}") from e
