@@ -171,6 +171,8 @@ class EmbeddedNats:
                 proc.wait()
         if self._reader is not None:
             self._reader.join(timeout=2)
+        if proc.stderr is not None:
+            proc.stderr.close()
         with contextlib.suppress(FileNotFoundError):
             self.pid_path.unlink()
 

@@ -56,6 +56,11 @@ class AppendFailed(ShipyardError):
     """The event log refused the append: the message says why."""
 
 
+class StreamMissing(ShipyardError):
+    """This NATS server holds no Shipyard event stream yet: run `shipyard up` against it once
+    (with --nats URL) to create it."""
+
+
 class UnknownEventType(ShipyardError):
     """An event of a type this version of Shipyard does not know was read: upgrade Shipyard."""
 

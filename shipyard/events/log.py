@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
-from shipyard.errors import AppendFailed, ConcurrencyConflict, ConnectionFailed
+from shipyard.errors import AppendFailed, ConcurrencyConflict, ConnectionFailed, StreamMissing
 from shipyard.events.envelope import SUBJECT_PREFIX, Event, aggregate_subject, decode, encode
 from shipyard.events.types import REGISTRY, Registry
 
@@ -223,7 +223,10 @@ class EventLog:
         return int(msg.seq or 0)
 
     async def stream_last_seq(self) -> int:
-        info = await self.js.stream_info(self.stream)
+        try:
+            info = await self.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError as e:
+            raise StreamMissing() from e
         return int(info.state.last_seq)
 
     async def history(self, aggregate: str, aggregate_id: str) -> list[Event[Any]]:
@@ -269,9 +272,12 @@ class EventLog:
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start)
         )
-        sub = await self.js.subscribe(
-            subject, ordered_consumer=True, config=config, stream=self.stream
-        )
+        try:
+            sub = await self.js.subscribe(
+                subject, ordered_consumer=True, config=config, stream=self.stream
+            )
+        except nats.js.errors.NotFoundError as e:
+            raise StreamMissing() from e
         try:
             async for msg in sub.messages:
                 yield msg.metadata.sequence.stream, msg.data

@@ -1,0 +1,98 @@
+"""Fixtures: a real nats-server from the wheel on a random loopback port, per test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from shipyard.embedded import EmbeddedNats
+from shipyard.events.log import EventLog, connect
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A fresh nats-server with JetStream; its store lives in the test's tmp dir."""
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
+    conn = await connect([nats_server.url], name="test")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def event_log(nc: NATS) -> EventLog:
+    log = EventLog(nc)
+    await log.ensure_stream()
+    return log
+
+
+class Up:
+    """A `shipyard up` process, started as a user would."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.data_dir = data_dir
+        self.env = {**os.environ, "SHIPYARD_DATA_DIR": str(data_dir)}
+        self.env.pop("SHIPYARD_NATS_URL", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shipyard.cli", "up", *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.banner: list[str] = []
+        self.output = ""
+        self.errors = ""
+
+    def wait_ready(self) -> None:
+        """Block until the banner's first line says it is up (or it exits)."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "is up" not in line:
+            self.proc.wait(10)
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"shipyard up did not start: {line!r} {err}")
+        self.banner.append(line)
+        for _ in range(3):
+            self.banner.append(self.proc.stdout.readline())
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "shipyard.cli", *args],
+            env=self.env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def stop(self) -> int:
+        """SIGTERM it, collect what it printed (``output``, ``errors``), return its status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=30)
+        self.output = "".join(self.banner) + out
+        self.errors = err
+        return self.proc.returncode
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    """`shipyard up` on the embedded default, in a data dir of the test's own."""
+    running = Up(tmp_path / "data")
+    running.wait_ready()
+    yield running
+    running.stop()

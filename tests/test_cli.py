@@ -1,0 +1,146 @@
+"""The `shipyard` command as a user runs it, against a real `shipyard up`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shipyard.cli import build_parser
+from tests.conftest import Up
+from tests.samples import dispatch_body
+
+SUBCOMMANDS = sorted(
+    name
+    for action in build_parser()._subparsers._group_actions  # type: ignore[union-attr]
+    for name in getattr(action, "choices", {})
+)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shipyard.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_help_lists_every_subcommand() -> None:
+    """`shipyard --help` exits 0 and names each sub-command."""
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_has_help(name: str) -> None:
+    """`shipyard NAME --help` exits 0 with a usage line and a description."""
+    result = run_cli(name, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"usage: shipyard {name}")
+    assert "--data-dir" in result.stdout
+
+
+def test_dispatch_in_a_second_terminal_needs_no_flags(up: Up) -> None:
+    """With `up` running, `shipyard dispatch FILE` finds it through the data dir alone."""
+    path = up.data_dir.parent / "task.json"
+    path.write_text(json.dumps(dispatch_body()))
+    result = up.cli("dispatch", str(path))
+    assert result.returncode == 0, result.stderr
+    task_id = result.stdout.strip()
+    assert task_id.startswith("t-")
+
+    trail = up.cli("events", "--task", task_id)
+    assert trail.returncode == 0
+    assert "task_dispatched" in trail.stdout
+    assert "by dispatcher:openclaw" in trail.stdout
+    assert "'Add a health endpoint'" in trail.stdout
+
+
+def test_dispatch_json_prints_the_task_record(up: Up) -> None:
+    """`dispatch --json` prints the whole record, including the parsed environment."""
+    result = up.cli("dispatch", "-", "--json", stdin=json.dumps(dispatch_body()))
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["task"]["working_dir"] == "/srv/app"
+    assert record["task"]["validation_command"] == "python -m pytest -q"
+    assert record["duplicate"] is False
+
+
+def test_rejected_dispatch_exits_1_with_problems_and_template(up: Up) -> None:
+    """A bad dispatch exits 1, lists each problem and shows the section template."""
+    body = dispatch_body(priority="asap")
+    body["payload"]["prompt"] = "## Task\nDo it"
+    result = up.cli("dispatch", "-", stdin=json.dumps(body))
+    assert result.returncode == 1
+    assert "priority: must be one of low, normal, high, urgent" in result.stderr
+    assert "missing section `## Requirements`" in result.stderr
+    assert "## Deliverables" in result.stderr
+    assert "Traceback" not in result.stderr
+    trail = up.cli("events", "--json")
+    recorded = [json.loads(line) for line in trail.stdout.splitlines()]
+    assert [e["type"] for e in recorded] == ["dispatch_rejected"]
+
+
+def test_idempotent_dispatch_prints_the_same_id(up: Up) -> None:
+    """Sending a dispatch twice with one idempotency key prints the first task's id."""
+    body = json.dumps(dispatch_body(idempotency_key="deploy-42"))
+    first = up.cli("dispatch", "-", stdin=body)
+    second = up.cli("dispatch", "-", stdin=body)
+    assert first.returncode == second.returncode == 0
+    assert second.stdout.split()[0] == first.stdout.strip()
+    assert "already dispatched" in second.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("dispatch", "/nonexistent/task.json"), "cannot read /nonexistent/task.json"),
+        (("events", "--task", "bad.id"), "is not a task id"),
+    ],
+)
+def test_user_mistakes_get_a_sentence_not_a_traceback(
+    up: Up, args: tuple[str, ...], message: str
+) -> None:
+    """Mistakes on the command line exit 1 with one clear line."""
+    result = up.cli(*args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_commands_without_a_running_instance_say_how_to_start_one(tmp_path: Path) -> None:
+    """With nothing running on the data dir, the CLI says to run `shipyard up`."""
+    result = run_cli("--version")
+    assert result.returncode == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "shipyard.cli", "events", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "shipyard up" in result.stderr
+
+
+def test_unknown_role_is_refused(tmp_path: Path) -> None:
+    """`up --roles` with a role that does not exist names the valid ones."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shipyard.cli",
+            "up",
+            "--roles",
+            "wizard",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "unknown role wizard" in result.stderr
