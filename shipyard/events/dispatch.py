@@ -265,7 +265,7 @@ def find_validation_command(environment: str) -> str:
 
 
 def list_items(section: str) -> list[str]:
-    items = [m.group("item") for m in _LIST_ITEM.finditer(section)]
+    items = [m.group("item").strip() for m in _LIST_ITEM.finditer(section)]
     return items or [line.strip() for line in section.splitlines() if line.strip()]
 
 
@@ -328,6 +328,8 @@ def _decode_body(body: bytes | str | dict[str, Any]) -> tuple[dict[str, Any] | N
         value = msgspec.json.decode(body)
     except msgspec.DecodeError as e:
         return None, [f"body: not valid JSON ({e})"]
+    except RecursionError:
+        return None, ["body: not valid JSON (nested too deeply)"]
     if not isinstance(value, dict):
         return None, [f"body: must be a JSON object, not {type(value).__name__}"]
     return value, []
@@ -345,8 +347,14 @@ def parse(body: bytes | str | dict[str, Any]) -> tuple[DispatchRequest, TaskDisp
     payload = value.get("payload")
     if isinstance(payload, dict) and isinstance(payload.get("dispatcher"), str):
         dispatcher = payload["dispatcher"][:64]
-    title_hint = value.get("action_name") or (payload or {}).get("task_title") or ""
-    rework = isinstance(title_hint, str) and title_hint.strip().lower().startswith("fix:")
+    titles = (
+        value.get("action_name"),
+        payload.get("task_title") if isinstance(payload, dict) else None,
+    )
+    rework = any(isinstance(t, str) and t.strip().lower().startswith("fix:") for t in titles)
+    for where, text in zip(("action_name", "payload.task_title"), titles, strict=True):
+        if isinstance(text, str):
+            problems.extend(_placeholder_problems(where, text))
 
     request: DispatchRequest | None = None
     try:
@@ -363,7 +371,7 @@ def parse(body: bytes | str | dict[str, Any]) -> tuple[DispatchRequest, TaskDisp
     if problems or request is None:
         raise DispatchInvalid(problems, dispatcher=dispatcher, rework=rework)
 
-    title = (request.payload.task_title or request.action_name or "").strip()
+    title = (request.payload.task_title or "").strip() or (request.action_name or "").strip()
     event = TaskDispatched(
         title=title,
         prompt=request.payload.prompt,
@@ -387,7 +395,7 @@ def parse(body: bytes | str | dict[str, Any]) -> tuple[DispatchRequest, TaskDisp
 
 def _check_request(request: DispatchRequest) -> list[str]:
     problems: list[str] = []
-    if not (request.payload.task_title or request.action_name):
+    if not ((request.payload.task_title or "").strip() or (request.action_name or "").strip()):
         problems.append("action_name or payload.task_title: give the task a title")
     for field, text in (
         ("action_name", request.action_name),
@@ -412,6 +420,14 @@ def _check_request(request: DispatchRequest) -> list[str]:
     return problems
 
 
+def _placeholder_problems(where: str, text: str) -> list[str]:
+    return [
+        f"{where}: still holds the template placeholder `{p}`; replace it with the real value"
+        for p in _PLACEHOLDERS
+        if p in text
+    ]
+
+
 def _check_prompt(prompt: str, rework: bool, facts: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     sections = split_sections(prompt)
@@ -431,12 +447,7 @@ def _check_prompt(prompt: str, rework: bool, facts: dict[str, Any]) -> list[str]
             problems.append(f"payload.prompt: section `## {name}` is empty")
     for dup in sections.duplicates:
         problems.append(f"payload.prompt: section `## {dup}` appears more than once")
-    for placeholder in _PLACEHOLDERS:
-        if placeholder in prompt:
-            problems.append(
-                f"payload.prompt: still holds the template placeholder `{placeholder}`; "
-                "replace it with the real value"
-            )
+    problems.extend(_placeholder_problems("payload.prompt", prompt))
 
     environment = sections.get("Environment") or ""
     working_dir = find_working_dir(environment)
