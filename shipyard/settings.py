@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -26,6 +26,68 @@ def default_data_dir(env: Mapping[str, str] = os.environ) -> Path:
     return Path(base) / "shipyard"
 
 
+def default_workdir_roots() -> list[Path]:
+    return [Path.home(), Path("/tmp")]
+
+
+class AgentSettings(BaseModel):
+    """One builder: ``[agents.NAME]`` in shipyard.toml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["claude", "codex", "command"]
+    binary: str = Field(default="", description="the program; default `claude` or `codex`")
+    command: list[str] = Field(
+        default_factory=list,
+        description="for kind=command: argv; {prompt}, {phase}, {workdir} are filled in",
+    )
+    model: str = ""
+    permission_mode: str = Field(
+        default="bypassPermissions",
+        description="Claude Code permission mode for BUILD and HEAL (PLAN always uses plan)",
+    )
+    allowed_tools: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    concurrency: int = Field(default=2, ge=1, le=1000)
+
+
+def default_agents() -> dict[str, AgentSettings]:
+    return {"claude": AgentSettings(kind="claude")}
+
+
+class HandlerSettings(BaseModel):
+    """``[handler]`` in shipyard.toml. Times are in seconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    concurrency: int = Field(default=4, ge=1, le=1000, description="runs at once per handler")
+    heartbeat_interval: float = Field(default=180.0, gt=0)
+    stale_after: float = Field(default=600.0, gt=0)
+    failed_after: float = Field(default=900.0, gt=0)
+    max_heal_rounds: int = Field(default=5, ge=0, le=50)
+    max_attempts: int = Field(default=2, ge=1, le=20, description="1: never retry on its own")
+    retry_backoff: float = Field(default=30.0, ge=0)
+    default_agent: str = "claude"
+    hold_dependants: bool = Field(
+        default=False, description="keep dependants blocked when a prerequisite fails"
+    )
+    workdir_roots: list[Path] = Field(default_factory=default_workdir_roots)
+    builder_timeout: float = Field(default=4 * 3600.0, gt=0, description="wall clock per call")
+    validate_timeout: float = Field(default=900.0, gt=0)
+    result_grace: float = Field(
+        default=5.0, gt=0, description="a builder that printed its result must exit by then"
+    )
+    kill_grace: float = Field(default=3.0, gt=0, description="SIGTERM, then SIGKILL after")
+
+    @field_validator("failed_after")
+    @classmethod
+    def _after_stale(cls, value: float, info: Any) -> float:
+        stale = info.data.get("stale_after")
+        if stale is not None and value <= stale:
+            raise ValueError(f"failed_after ({value}) must be longer than stale_after ({stale})")
+        return value
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,6 +99,8 @@ class Settings(BaseModel):
     nats_user: str = ""
     nats_password: str = ""
     stream_replicas: int = Field(default=1, ge=1, le=5)
+    handler: HandlerSettings = Field(default_factory=HandlerSettings)
+    agents: dict[str, AgentSettings] = Field(default_factory=default_agents)
 
     @field_validator("nats_url", mode="before")
     @classmethod
@@ -64,6 +128,15 @@ _ENV_FIELDS = {
     "NATS_USER": "nats_user",
     "NATS_PASSWORD": "nats_password",
 }
+_ENV_HANDLER_FIELDS = {
+    "HEARTBEAT_INTERVAL": "heartbeat_interval",
+    "STALE_AFTER": "stale_after",
+    "FAILED_AFTER": "failed_after",
+    "HANDLER_CONCURRENCY": "concurrency",
+    "MAX_HEAL_ROUNDS": "max_heal_rounds",
+    "MAX_ATTEMPTS": "max_attempts",
+    "DEFAULT_AGENT": "default_agent",
+}
 
 
 def load(
@@ -87,6 +160,15 @@ def load(
     if path is not None:
         values.update(_read_file(path))
     values.update(from_env)
+    handler_env: dict[str, Any] = {
+        field: env[ENV_PREFIX + name]
+        for name, field in _ENV_HANDLER_FIELDS.items()
+        if env.get(ENV_PREFIX + name)
+    }
+    if env.get(ENV_PREFIX + "WORKDIR_ROOTS"):
+        handler_env["workdir_roots"] = env[ENV_PREFIX + "WORKDIR_ROOTS"].split(os.pathsep)
+    if handler_env:
+        values["handler"] = {**values.get("handler", {}), **handler_env}
     values.update(flags)
     values["data_dir"] = Path(values.get("data_dir", data_dir)).expanduser()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
@@ -214,16 +215,33 @@ class TaskCancelRequested(EventData, frozen=True, kw_only=True):
 
 @register
 class TaskRequeued(EventData, frozen=True, kw_only=True):
-    """A failed or cancelled task goes back on the queue as a new attempt."""
+    """A failed or cancelled task goes back on the queue as a new attempt, not before
+    ``not_before`` (a retry's backoff)."""
 
     TYPE: ClassVar[str] = "task_requeued"
     AGGREGATE: ClassVar[str] = "task"
 
     attempt: int
     reason: str = ""
+    not_before: datetime | None = None
 
 
 # --- task: the run ------------------------------------------------------------------------
+
+
+@register
+class BuilderStarted(EventData, frozen=True, kw_only=True):
+    """The handler started a builder process for a phase; its group is killed as a whole."""
+
+    TYPE: ClassVar[str] = "builder_started"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    phase: Phase
+    host: str
+    pid: int
+    pgid: int
+    program: str = ""
 
 
 @register
@@ -261,8 +279,93 @@ class WorkProgress(EventData, frozen=True, kw_only=True):
 
 
 @register
+class PlanRecorded(EventData, frozen=True, kw_only=True):
+    """The run's plan: from the builder's planning session, or from the Requirements."""
+
+    TYPE: ClassVar[str] = "plan_recorded"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    source: str  # "builder" or "requirements"
+    steps: list[str]
+    text: str = ""
+    session_id: str = ""
+
+
+@register
+class CardAdded(EventData, frozen=True, kw_only=True):
+    """A Kanban card for one plan step, under its task."""
+
+    TYPE: ClassVar[str] = "card_added"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    card_id: str
+    title: str
+    position: int
+    column: str = "todo"
+
+
+@register
+class CardMoved(EventData, frozen=True, kw_only=True):
+    TYPE: ClassVar[str] = "card_moved"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    card_id: str
+    column: str  # todo, in_progress, done, failed
+
+
+@register
+class ValidationChecked(EventData, frozen=True, kw_only=True):
+    """What the handler found when it checked the deliverables itself."""
+
+    TYPE: ClassVar[str] = "validation_checked"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    round: int  # 0: the first VALIDATE; n: after HEAL round n
+    passed: bool
+    missing: list[str] = []
+    command: str = ""
+    exit_code: int | None = None
+    output: str = ""
+
+
+@register
+class RunStale(EventData, frozen=True, kw_only=True):
+    """No heartbeat for ``stale_after``: shown as STALE; nothing is killed."""
+
+    TYPE: ClassVar[str] = "run_stale"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    silent_for: float
+    detected_by: str
+
+
+@register
+class ReportWritten(EventData, frozen=True, kw_only=True):
+    TYPE: ClassVar[str] = "report_written"
+    AGGREGATE: ClassVar[str] = "task"
+
+    run_id: str
+    path: str
+    summary: str
+    files_changed: list[str] = []
+    duration_s: float = 0.0
+    turns: int = 0
+    cost_usd: float = 0.0
+    heal_rounds: int = 0
+
+
+@register
 class RunFinished(EventData, frozen=True, kw_only=True):
-    """A run ended: succeeded, failed or cancelled, with the reason."""
+    """A run (one attempt) ended: succeeded, failed or cancelled, with the reason.
+
+    Always appended in one batch with the task's fate: :class:`TaskFinished` or
+    :class:`TaskRequeued`.
+    """
 
     TYPE: ClassVar[str] = "run_finished"
     AGGREGATE: ClassVar[str] = "task"
@@ -271,3 +374,33 @@ class RunFinished(EventData, frozen=True, kw_only=True):
     outcome: TaskState
     reason: str = ""
     summary: str = ""
+    phase: Phase | None = None
+    error: str = ""
+
+
+@register
+class TaskFinished(EventData, frozen=True, kw_only=True):
+    """The task is done with: succeeded, failed or cancelled. Retry starts a new attempt."""
+
+    TYPE: ClassVar[str] = "task_finished"
+    AGGREGATE: ClassVar[str] = "task"
+
+    outcome: TaskState
+    reason: str = ""
+    run_id: str = ""
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+@register
+class HandlerHeartbeat(EventData, frozen=True, kw_only=True):
+    """A handler is alive; the watchdog tells ``handler_lost`` from ``agent_silent`` by it."""
+
+    TYPE: ClassVar[str] = "handler_heartbeat"
+    AGGREGATE: ClassVar[str] = "handler"
+
+    host: str
+    pid: int
+    runs: list[str] = []
+    capacity: int = 0
