@@ -94,6 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
     dispatch.add_argument("--json", action="store_true", help="print the whole task record as JSON")
     dispatch.set_defaults(func=cmd_dispatch)
 
+    cancel = sub.add_parser(
+        "cancel",
+        help="cancel a queued or running task",
+        description=(
+            "Cancel a task. A queued or blocked task is cancelled at once; a running one's "
+            "builder (its whole process group) is stopped by its handler within seconds."
+        ),
+    )
+    _common(cancel)
+    cancel.add_argument("task_id", metavar="ID", help="the task id (t-…)")
+    cancel.add_argument("--reason", default="", help="why, for the record")
+    cancel.set_defaults(func=cmd_cancel)
+
+    retry = sub.add_parser(
+        "retry",
+        help="run a failed or cancelled task again",
+        description="Queue a failed or cancelled task again as a new attempt, keeping its history.",
+    )
+    _common(retry)
+    retry.add_argument("task_id", metavar="ID", help="the task id (t-…)")
+    retry.set_defaults(func=cmd_retry)
+
     events = sub.add_parser(
         "events",
         help="print the event log as an audit trail",
@@ -180,6 +202,25 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         else:
             note = "  (already dispatched with this idempotency key)" if result["duplicate"] else ""
             print(f"{result['task_id']}{note}")
+        return EXIT_OK
+
+    return _with_nats(args, send)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    async def send(nc: NATS) -> int:
+        body = {"task_id": args.task_id, "reason": args.reason}
+        result = await commands.call(nc, "cancel", body, actor="cli")
+        print(f"{result['task_id']} {result['state']}")
+        return EXIT_OK
+
+    return _with_nats(args, send)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    async def send(nc: NATS) -> int:
+        result = await commands.call(nc, "retry", {"task_id": args.task_id}, actor="cli")
+        print(f"{result['task_id']} queued as attempt {result['attempt']}")
         return EXIT_OK
 
     return _with_nats(args, send)

@@ -20,11 +20,12 @@ from shipyard.embedded import EmbeddedNats
 from shipyard.errors import ConfigError
 from shipyard.events.commands import Commands, CommandService
 from shipyard.events.log import EventLog, connect
+from shipyard.handler.service import Handler
 from shipyard.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ROLES = ("commands",)  # every role this release can run
+ROLES = ("commands", "handler")  # every role this release can run
 DEFAULT_ROLES = ROLES
 
 
@@ -73,11 +74,15 @@ async def run(
         try:
             events = EventLog(nc)
             await events.ensure_stream(replicas=settings.stream_replicas)
-            services: list[CommandService] = []
+            services: list[CommandService | Handler] = []
             if "commands" in roles:
-                service = CommandService(nc, Commands(events))
-                await service.start()
-                services.append(service)
+                commands = CommandService(nc, Commands(events))
+                await commands.start()
+                services.append(commands)
+            if "handler" in roles:
+                handler = Handler(events, settings)
+                await handler.start()
+                services.append(handler)
             await nc.flush()
             info = {
                 "pid": os.getpid(),

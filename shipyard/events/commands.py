@@ -28,9 +28,17 @@ from shipyard.errors import (
     ShipyardError,
 )
 from shipyard.events import dispatch
-from shipyard.events.envelope import make, new_id
+from shipyard.events.envelope import make, new_id, valid_id
 from shipyard.events.log import EventLog
-from shipyard.events.types import DispatchRejected, TaskDispatched
+from shipyard.events.tasks import Task, TaskBook
+from shipyard.events.types import (
+    DispatchRejected,
+    TaskCancelRequested,
+    TaskDispatched,
+    TaskFinished,
+    TaskRequeued,
+    TaskState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,67 @@ class Commands:
             return DispatchResult(task_id=task_id, seq=seq, duplicate=False, task=data)
         raise AppendFailed("could not find a free task id; try again")
 
+    async def task(self, task_id: str) -> Task:
+        """The task's current state, folded from its history."""
+        if not valid_id(task_id):
+            raise CommandRejected(f"{task_id!r} is not a task id", code="invalid")
+        book = TaskBook()
+        for event in await self.events.history("task", task_id):
+            book.apply(event)
+        task = book.tasks.get(task_id)
+        if task is None:
+            raise CommandRejected(f"no task {task_id}", code="not_found")
+        return task
+
+    async def cancel(self, task_id: str, *, reason: str = "", actor: str = "") -> dict[str, Any]:
+        """Cancel a queued, blocked or running task. A running builder's group is killed by
+        its handler as soon as it reads the request."""
+        for _ in range(5):
+            task = await self.task(task_id)
+            if task.state.finished:
+                raise CommandRejected(
+                    f"task {task_id} already {task.state}; nothing to cancel", code="conflict"
+                )
+            why = reason or f"cancelled by {actor or 'an operator'}"
+            data: TaskCancelRequested | TaskFinished
+            if task.run_open:
+                data = TaskCancelRequested(reason=why)
+            else:
+                data = TaskFinished(outcome=TaskState.CANCELLED, reason=why)
+            try:
+                await self.events.append(
+                    make(data, aggregate_id=task_id, actor=actor or "commands"),
+                    expect=task.last_seq,
+                )
+            except ConcurrencyConflict:
+                continue
+            state = "cancelling" if task.run_open else "cancelled"
+            return {"task_id": task_id, "state": state}
+        raise CommandRejected(f"task {task_id} keeps changing; try again", code="conflict")
+
+    async def retry(self, task_id: str, *, actor: str = "") -> dict[str, Any]:
+        """Queue a failed or cancelled task again as a new attempt; its history stays."""
+        for _ in range(5):
+            task = await self.task(task_id)
+            if task.state not in (TaskState.FAILED, TaskState.CANCELLED):
+                raise CommandRejected(
+                    f"task {task_id} is {task.state}; only a failed or cancelled task can be "
+                    "retried",
+                    code="conflict",
+                )
+            data = TaskRequeued(
+                attempt=task.attempt + 1, reason=f"retried by {actor or 'an operator'}"
+            )
+            try:
+                await self.events.append(
+                    make(data, aggregate_id=task_id, actor=actor or "commands"),
+                    expect=task.last_seq,
+                )
+            except ConcurrencyConflict:
+                continue
+            return {"task_id": task_id, "state": "queued", "attempt": task.attempt + 1}
+        raise CommandRejected(f"task {task_id} keeps changing; try again", code="conflict")
+
     async def _check_references(self, data: TaskDispatched) -> None:
         problems = []
         for tid in data.after:
@@ -131,7 +200,11 @@ class CommandService:
         self.nc = nc
         self.commands = commands
         self._sub: Any = None
-        self._handlers: dict[str, Handler] = {"dispatch": self._dispatch}
+        self._handlers: dict[str, Handler] = {
+            "dispatch": self._dispatch,
+            "cancel": self._cancel,
+            "retry": self._retry,
+        }
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -180,6 +253,28 @@ class CommandService:
     async def _dispatch(self, body: bytes, actor: str) -> dict[str, Any]:
         result = await self.commands.dispatch(body, actor=actor)
         return {"ok": True, "result": msgspec.to_builtins(result)}
+
+    async def _cancel(self, body: bytes, actor: str) -> dict[str, Any]:
+        args = _task_args(body)
+        reason = args.get("reason", "")
+        result = await self.commands.cancel(
+            args["task_id"], reason=reason if isinstance(reason, str) else "", actor=actor
+        )
+        return {"ok": True, "result": result}
+
+    async def _retry(self, body: bytes, actor: str) -> dict[str, Any]:
+        result = await self.commands.retry(_task_args(body)["task_id"], actor=actor)
+        return {"ok": True, "result": result}
+
+
+def _task_args(body: bytes) -> dict[str, Any]:
+    try:
+        args = msgspec.json.decode(body)
+    except msgspec.DecodeError as e:
+        raise CommandRejected(f"body: not valid JSON ({e})", code="invalid") from e
+    if not isinstance(args, dict) or not isinstance(args.get("task_id"), str):
+        raise CommandRejected('body: send {"task_id": "t-…"}', code="invalid")
+    return args
 
 
 async def call(

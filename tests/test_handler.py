@@ -1,0 +1,365 @@
+"""The handler on a real nats-server with real builder processes (`command` agents)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shipyard.events.commands import Commands
+from shipyard.events.envelope import Event
+from shipyard.events.log import EventLog
+from shipyard.events.types import Phase, PhaseStatus, TaskState
+from shipyard.handler.service import Handler
+from shipyard.settings import Settings
+from tests import handlers as h
+from tests.samples import dispatch_body
+
+PROMPT = """## Task
+Write a greeting.
+
+## Requirements
+- hello.txt says hello
+- README.md explains it
+
+## Environment
+- Working directory: {workdir}
+{test}
+
+## Deliverables
+1. hello.txt
+2. README.md
+"""
+
+
+def body(
+    tmp: Path, name: str, *, agent: str = "ok", test: str = "", **extra: Any
+) -> dict[str, Any]:
+    workdir = tmp / "work" / name
+    prompt = PROMPT.format(workdir=workdir, test=f"- Test: {test}" if test else "")
+    b = dispatch_body(**extra)
+    b["payload"]["prompt"] = prompt
+    b["agent"] = agent
+    b["action_name"] = b["payload"]["task_title"] = f"Greeting {name}"
+    return b
+
+
+@pytest.fixture
+async def handlers(event_log: EventLog) -> AsyncIterator[list[Handler]]:
+    """Handlers a test starts are stopped after it."""
+    running: list[Handler] = []
+    yield running
+    for handler in running:
+        await handler.stop()
+
+
+async def start(running: list[Handler], log: EventLog, cfg: Settings, name: str = "") -> Handler:
+    handler = Handler(log, cfg, handler_id=name)
+    await handler.start()
+    running.append(handler)
+    return handler
+
+
+async def history(log: EventLog, task_id: str) -> list[Event[Any]]:
+    return await log.history("task", task_id)
+
+
+def phases(events: list[Event[Any]]) -> dict[Phase, list[PhaseStatus]]:
+    out: dict[Phase, list[PhaseStatus]] = {}
+    for e in events:
+        if e.type == "phase_changed":
+            out.setdefault(e.data.phase, []).append(e.data.status)
+    return out
+
+
+async def test_a_task_runs_through_all_eight_phases(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """A dispatched task is claimed and taken through the 8 phases, each posted by the handler."""
+    cfg = h.settings(tmp_path)
+    await start(handlers, event_log, cfg)
+    task_id = (
+        await Commands(event_log).dispatch(body(tmp_path, "a", test="test -f hello.txt"))
+    ).task_id
+
+    done = await h.wait_for(event_log, h.finished(task_id))
+    assert done.data.outcome == TaskState.SUCCEEDED
+
+    events = await history(event_log, task_id)
+    seen = phases(events)
+    assert list(seen) == list(Phase)
+    for phase in Phase:
+        expected = (
+            [PhaseStatus.SKIPPED]
+            if phase == Phase.HEAL
+            else [
+                PhaseStatus.STARTED,
+                PhaseStatus.SUCCEEDED,
+            ]
+        )
+        assert seen[phase] == expected, phase
+    assert all(e.actor.startswith("handler:") for e in events[1:])
+    plan = next(e for e in events if e.type == "plan_recorded")
+    assert plan.data.source == "requirements"
+    assert plan.data.steps[:2] == ["hello.txt says hello", "README.md explains it"]
+    cards = [e for e in events if e.type == "card_added"]
+    assert len(cards) == len(plan.data.steps)
+    moved = {e.data.card_id: e.data.column for e in events if e.type == "card_moved"}
+    assert set(moved.values()) == {"done"}
+    assert len(moved) == len(cards)
+    check = next(e for e in events if e.type == "validation_checked")
+    assert check.data.passed
+    assert check.data.exit_code == 0
+    report = next(e for e in events if e.type == "report_written")
+    page = await asyncio.to_thread(Path(report.data.path).read_text)
+    assert "Greeting a" in page
+    assert "hello.txt" in page
+    assert "+ hello.txt" in report.data.files_changed
+    progress = [e for e in events if e.type == "work_progress"]
+    assert progress[-1].data.percent == 100
+    assert [p.data.percent for p in progress] == sorted(p.data.percent for p in progress)
+    assert (tmp_path / "work" / "a" / "README.md").exists()
+
+
+async def test_validation_failure_is_healed(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """VALIDATE fails, HEAL resumes the builder with the failure, VALIDATE then passes."""
+    await start(handlers, event_log, h.settings(tmp_path))
+    task_id = (
+        await Commands(event_log).dispatch(
+            body(tmp_path, "heal", agent="heal-once", test="grep -q healed hello.txt")
+        )
+    ).task_id
+    done = await h.wait_for(event_log, h.finished(task_id))
+    assert done.data.outcome == TaskState.SUCCEEDED
+    events = await history(event_log, task_id)
+    seen = phases(events)
+    assert seen[Phase.VALIDATE] == [PhaseStatus.STARTED, PhaseStatus.FAILED]
+    assert seen[Phase.HEAL] == [PhaseStatus.STARTED, PhaseStatus.SUCCEEDED]
+    checks = [e.data for e in events if e.type == "validation_checked"]
+    assert [(c.round, c.passed) for c in checks] == [(0, False), (1, True)]
+    assert "hello.txt" in checks[0].missing
+    report = next(e for e in events if e.type == "report_written")
+    assert report.data.heal_rounds == 1
+    assert [p for _, p, _ in h.launches(tmp_path)] == ["build", "heal"]
+
+
+async def test_a_failing_builder_fails_the_run_with_its_error(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """A builder that exits non-zero fails BUILD; later work phases are skipped, REPORT and
+    CLOSE still run, and the task fails with the builder's error."""
+    await start(handlers, event_log, h.settings(tmp_path))
+    task_id = (await Commands(event_log).dispatch(body(tmp_path, "f", agent="fail"))).task_id
+    done = await h.wait_for(event_log, h.finished(task_id))
+    assert done.data.outcome == TaskState.FAILED
+    assert done.data.reason == "builder_error"
+    events = await history(event_log, task_id)
+    seen = phases(events)
+    assert seen[Phase.BUILD][-1] == PhaseStatus.FAILED
+    assert seen[Phase.VALIDATE] == [PhaseStatus.SKIPPED]
+    assert seen[Phase.HEAL] == [PhaseStatus.SKIPPED]
+    assert seen[Phase.REPORT][-1] == PhaseStatus.SUCCEEDED
+    assert seen[Phase.CLOSE][-1] == PhaseStatus.SUCCEEDED
+    finished_run = next(e for e in events if e.type == "run_finished")
+    assert finished_run.data.phase == Phase.BUILD
+    assert "something broke" in finished_run.data.error
+    moved = {e.data.column for e in events if e.type == "card_moved"}
+    assert moved == {"failed"}
+
+
+async def test_a_workdir_outside_the_roots_is_refused_before_any_builder_starts(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """CONTEXT refuses a working directory outside the configured roots; nothing is launched."""
+    await start(handlers, event_log, h.settings(tmp_path))
+    b = body(tmp_path, "x")
+    b["payload"]["prompt"] = b["payload"]["prompt"].replace(str(tmp_path / "work" / "x"), "/etc")
+    task_id = (await Commands(event_log).dispatch(b)).task_id
+    done = await h.wait_for(event_log, h.finished(task_id))
+    assert done.data.outcome == TaskState.FAILED
+    assert done.data.reason == "workdir_refused"
+    assert h.launches(tmp_path) == []
+    assert phases(await history(event_log, task_id))[Phase.CONTEXT][-1] == PhaseStatus.FAILED
+
+
+async def test_symlink_escape_is_refused(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """A working directory that is a symlink out of the roots is refused."""
+    await start(handlers, event_log, h.settings(tmp_path))
+    (tmp_path / "work" / "link").symlink_to("/etc")
+    task_id = (await Commands(event_log).dispatch(body(tmp_path, "link"))).task_id
+    done = await h.wait_for(event_log, h.finished(task_id))
+    assert done.data.reason == "workdir_refused"
+    assert h.launches(tmp_path) == []
+
+
+async def test_dependants_wait_for_their_prerequisites(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """`after` holds a task until its prerequisite succeeds; a failed prerequisite fails it."""
+    commands = Commands(event_log)
+    first = (await commands.dispatch(body(tmp_path, "first"))).task_id
+    second = (await commands.dispatch(body(tmp_path, "second", after=[first]))).task_id
+    broken = (await commands.dispatch(body(tmp_path, "broken", agent="fail"))).task_id
+    orphan = (await commands.dispatch(body(tmp_path, "orphan", after=[broken]))).task_id
+    await start(handlers, event_log, h.settings(tmp_path))
+
+    done = await h.wait_for(event_log, h.finished(second))
+    assert done.data.outcome == TaskState.SUCCEEDED
+    first_done = await h.wait_for(event_log, h.finished(first))
+    second_claim = await h.wait_for(event_log, h.of_type(second, "task_claimed"))
+    assert second_claim.seq > first_done.seq
+    lost = await h.wait_for(event_log, h.finished(orphan))
+    assert lost.data.outcome == TaskState.FAILED
+    assert lost.data.reason == f"prerequisite {broken} failed"
+    assert orphan not in {task for task, _, _ in h.launches(tmp_path)}
+
+
+async def test_claims_follow_priority_then_age(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """With one slot, queued tasks run urgent > high > normal > low, oldest first."""
+    commands = Commands(event_log)
+    order = [("low", "l1"), ("normal", "n1"), ("urgent", "u1"), ("high", "h1"), ("urgent", "u2")]
+    ids = {}
+    for priority, name in order:
+        ids[name] = (await commands.dispatch(body(tmp_path, name, priority=priority))).task_id
+    await start(handlers, event_log, h.settings(tmp_path, concurrency=1))
+    await h.wait_for(event_log, h.finished(ids["l1"]), timeout=60)
+    launched = [task for task, phase, _ in h.launches(tmp_path) if phase == "build"]
+    assert launched == [ids[n] for n in ("u1", "u2", "h1", "n1", "l1")]
+
+
+async def test_cancel_stops_a_running_builder_and_its_whole_group(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """`cancel` on a running task kills its builder's process group and closes it cancelled."""
+    await start(handlers, event_log, h.settings(tmp_path))
+    commands = Commands(event_log)
+    task_id = (await commands.dispatch(body(tmp_path, "slow", agent="slow"))).task_id
+    started = await h.wait_for(
+        event_log, lambda e: e.aggregate_id == task_id and e.type == "builder_started"
+    )
+    pgid = started.data.pgid
+    assert (await commands.cancel(task_id, reason="changed my mind"))["state"] == "cancelling"
+    done = await h.wait_for(event_log, h.finished(task_id), timeout=10)
+    assert done.data.outcome == TaskState.CANCELLED
+    assert done.data.reason == "changed my mind"
+    assert (done.time - started.time).total_seconds() < 5
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+
+
+async def test_cancel_a_queued_task_and_retry_it(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """A queued task is cancelled at once; retry queues it again as attempt 2, which runs."""
+    commands = Commands(event_log)
+    task_id = (await commands.dispatch(body(tmp_path, "q"))).task_id
+    assert (await commands.cancel(task_id))["state"] == "cancelled"
+    await start(handlers, event_log, h.settings(tmp_path))
+    assert (await commands.retry(task_id))["attempt"] == 2
+    claim = await h.wait_for(event_log, h.of_type(task_id, "task_claimed"))
+    assert claim.data.attempt == 2
+    done = await h.wait_for(event_log, h.finished(task_id), start=claim.seq)
+    assert done.data.outcome == TaskState.SUCCEEDED
+    types = [e.type for e in await history(event_log, task_id)]
+    assert types[:3] == ["task_dispatched", "task_finished", "task_requeued"]
+
+
+async def test_a_silent_builder_goes_stale_then_fails_and_is_killed(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """No heartbeat for stale_after: STALE; for failed_after: FAILED (agent_silent); the
+    builder's whole group is killed."""
+    cfg = h.settings(tmp_path, heartbeat_interval=0.2, stale_after=1.0, failed_after=2.0)
+    await start(handlers, event_log, cfg)
+    task_id = (await Commands(event_log).dispatch(body(tmp_path, "quiet", agent="silent"))).task_id
+    started = await h.wait_for(event_log, h.of_type(task_id, "builder_started"))
+    stale = await h.wait_for(event_log, h.of_type(task_id, "run_stale"))
+    assert stale.data.silent_for >= 1.0
+    ended = await h.wait_for(event_log, h.of_type(task_id, "run_finished"))
+    assert ended.data.outcome == TaskState.FAILED
+    assert ended.data.reason == "agent_silent"
+    done = await h.wait_for(event_log, h.finished(task_id))
+    assert done.data.reason == "agent_silent"
+    child_file = Path(str(tmp_path / "launches.txt") + ".child")
+    child = int(await asyncio.to_thread(child_file.read_text))
+    for pid in (started.data.pid, child):
+        assert await _gone(pid), f"process {pid} outlived its run"
+
+
+async def _gone(pid: int, timeout: float = 5.0) -> bool:
+    """Whether ``pid`` has exited within ``timeout`` (polled via pidfd readiness)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(True))
+    try:
+        await asyncio.wait_for(ready, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_two_handlers_run_each_of_thirty_tasks_exactly_once(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """Two handlers racing over 30 queued tasks: every task's builder is launched once."""
+    commands = Commands(event_log)
+    ids = [(await commands.dispatch(body(tmp_path, f"m{i}"))).task_id for i in range(30)]
+    cfg = h.settings(tmp_path, concurrency=4)
+    one = await start(handlers, event_log, cfg, "one")
+    two = await start(handlers, event_log, cfg, "two")
+    for task_id in ids:
+        done = await h.wait_for(event_log, h.finished(task_id), timeout=120)
+        assert done.data.outcome == TaskState.SUCCEEDED
+    builds = [task for task, phase, _ in h.launches(tmp_path) if phase == "build"]
+    assert sorted(builds) == sorted(ids)
+    assert one.launches + two.launches == 30
+    assert one.launches > 0
+    assert two.launches > 0
+
+
+async def test_stale_lock_on_the_run_of_a_vanished_handler_is_failed_as_handler_lost(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """A run whose handler stopped heartbeating is failed as handler_lost and retried."""
+    cfg = h.settings(
+        tmp_path, heartbeat_interval=0.2, stale_after=1.0, failed_after=2.0, max_attempts=2
+    )
+    doomed = Handler(event_log, cfg, handler_id="doomed")
+    await doomed.start()
+    task_id = (await Commands(event_log).dispatch(body(tmp_path, "lost", agent="slow"))).task_id
+    started = await h.wait_for(event_log, h.of_type(task_id, "builder_started"))
+    # The handler vanishes without a word: its loops stop, its builder is killed by the guard
+    # as if its process had died.
+    for loop in doomed._loops:
+        loop.cancel()
+    os.killpg(started.data.pgid, signal.SIGKILL)
+    for run in list(doomed._run_tasks):
+        run.cancel()
+    await start(handlers, event_log, cfg, "survivor")
+    ended = await h.wait_for(event_log, h.of_type(task_id, "run_finished"), timeout=15)
+    assert ended.data.reason == "handler_lost"
+    assert ended.actor == "handler:survivor"
+    requeued = await h.wait_for(event_log, h.of_type(task_id, "task_requeued"))
+    assert requeued.data.attempt == 2
+    claim = await h.wait_for(
+        event_log, lambda e: h.of_type(task_id, "task_claimed")(e) and e.data.attempt == 2
+    )
+    assert claim.data.handler == "survivor"
