@@ -81,7 +81,7 @@ def test_rejected_dispatch_exits_1_with_problems_and_template(up: Up) -> None:
     assert "Traceback" not in result.stderr
     trail = up.cli("events", "--json")
     recorded = [json.loads(line) for line in trail.stdout.splitlines()]
-    assert [e["type"] for e in recorded] == ["dispatch_rejected"]
+    assert [e["type"] for e in recorded if e["aggregate"] != "handler"] == ["dispatch_rejected"]
 
 
 def test_idempotent_dispatch_prints_the_same_id(up: Up) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -587,8 +588,17 @@ class Run:
             session_id=self.session_id if phase != P.PLAN else "",
         )
         parser = self.runner.parser(inv)
+        argv = self.runner.argv(inv)
+        if shutil.which(argv[0]) is None:
+            return Outcome(
+                ok=False,
+                exit_code=127,
+                error=f"agent {self.runner.name!r}: the program {argv[0]!r} is not installed or "
+                "not on PATH; install it, or set `binary`/`command` for this agent in "
+                "shipyard.toml",
+            )
         proc = BuilderProcess(
-            self.runner.argv(inv),
+            argv,
             cwd=self.workdir,
             env=self.runner.env(inv, dict(os.environ)),
             grace=self.hs.kill_grace,
@@ -605,7 +615,7 @@ class Run:
                 host=self.host,
                 pid=proc.pid,
                 pgid=proc.pgid,
-                program=self.runner.argv(inv)[0],
+                program=argv[0],
             )
         )
         self._check()
