@@ -144,3 +144,26 @@ def test_unknown_role_is_refused(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "unknown role wizard" in result.stderr
+
+
+def test_cancel_and_retry_from_the_command_line(tmp_path: Path) -> None:
+    """`cancel` ends a queued task, `retry` queues it again, a second cancel of a finished task
+    is refused with exit 1."""
+    running = Up(tmp_path / "data", "--roles", "commands")
+    running.wait_ready()
+    try:
+        task_id = running.cli("dispatch", "-", stdin=json.dumps(dispatch_body())).stdout.strip()
+        first = running.cli("cancel", task_id, "--reason", "not today")
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.strip() == f"{task_id} cancelled"
+        again = running.cli("cancel", task_id)
+        assert again.returncode == 1
+        assert "already cancelled" in again.stderr
+        retried = running.cli("retry", task_id)
+        assert retried.returncode == 0, retried.stderr
+        assert retried.stdout.strip() == f"{task_id} queued as attempt 2"
+        unknown = running.cli("retry", "t-doesnotexist")
+        assert unknown.returncode == 1
+        assert "no task t-doesnotexist" in unknown.stderr
+    finally:
+        assert running.stop() == 0

@@ -1,0 +1,117 @@
+"""Handlers as separate processes, the way they run on several hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from shipyard.embedded import EmbeddedNats
+from shipyard.events.commands import Commands
+from shipyard.events.log import EventLog
+from shipyard.events.types import TaskState
+from shipyard.handler.service import Handler
+from tests import handlers as h
+from tests.test_handler import _gone, body
+
+TOML = """
+[handler]
+workdir_roots = [{root}]
+default_agent = "slow"
+heartbeat_interval = 0.2
+stale_after = 1.0
+failed_after = 2.0
+max_attempts = 2
+retry_backoff = 0.0
+kill_grace = 1.0
+
+[agents.slow]
+kind = "command"
+command = [{python}, {script}, "{{phase}}", "slow"]
+env = {{ SHIPYARD_TEST_LAUNCHES = {launches} }}
+"""
+
+
+def start_handler_process(tmp: Path, url: str, name: str) -> subprocess.Popen[str]:
+    config = tmp / f"{name}.toml"
+    q = json.dumps
+    config.write_text(
+        TOML.format(
+            root=q(str(tmp / "work")),
+            python=q(sys.executable),
+            script=q(h.SCRIPTED),
+            launches=q(str(tmp / "launches.txt")),
+        )
+    )
+    (tmp / "work").mkdir(exist_ok=True)
+    env = {**os.environ, "SHIPYARD_DATA_DIR": str(tmp / name)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shipyard.cli",
+            "up",
+            "--roles",
+            "handler",
+            "--nats",
+            url,
+            "--config",
+            str(config),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "is up (handler)" in line, line + (proc.stderr.read() if proc.stderr else "")
+    return proc
+
+
+async def test_kill_9_of_a_handler_mid_build(
+    tmp_path: Path, nats_server: EmbeddedNats, event_log: EventLog
+) -> None:
+    """kill -9 a handler process mid-build: its builder group dies with it, the run goes
+    STALE then FAILED (handler_lost), and another handler runs the retry."""
+    log = event_log
+    doomed = start_handler_process(tmp_path, nats_server.url, "doomed")
+    try:
+        task_id = (await Commands(log).dispatch(body(tmp_path, "k9", agent="slow"))).task_id
+        started = await h.wait_for(log, h.of_type(task_id, "builder_started"))
+        doomed.send_signal(signal.SIGKILL)
+        doomed.communicate(timeout=10)
+        assert await _gone(started.data.pid), "the builder outlived its killed handler"
+
+        cfg = h.settings(
+            tmp_path,
+            default_agent="slow",
+            heartbeat_interval=0.2,
+            stale_after=1.0,
+            failed_after=2.0,
+            max_attempts=2,
+        )
+        survivor = Handler(log, cfg, handler_id="survivor")
+        await survivor.start()
+        try:
+            stale = await h.wait_for(log, h.of_type(task_id, "run_stale"), timeout=15)
+            assert stale.data.detected_by == "survivor"
+            ended = await h.wait_for(log, h.of_type(task_id, "run_finished"), timeout=15)
+            assert ended.seq > stale.seq
+            assert ended.data.reason == "handler_lost"
+            assert ended.data.outcome == TaskState.FAILED
+            retry = await h.wait_for(
+                log,
+                lambda e: h.of_type(task_id, "task_claimed")(e) and e.data.attempt == 2,
+                timeout=15,
+            )
+            assert retry.data.handler == "survivor"
+        finally:
+            await survivor.stop()
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+            doomed.communicate(timeout=10)
