@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from shipyard import __version__, instance
 from shipyard.embedded import EmbeddedNats
 from shipyard.errors import ConfigError
 from shipyard.events.commands import Commands, CommandService
+from shipyard.events.envelope import short_id, valid_id
 from shipyard.events.log import EventLog, connect
 from shipyard.handler.service import Handler
 from shipyard.settings import Settings
@@ -27,6 +29,20 @@ log = logging.getLogger(__name__)
 
 ROLES = ("commands", "handler")  # every role this release can run
 DEFAULT_ROLES = ROLES
+
+
+def stable_handler_id(settings: Settings) -> str:
+    """The same id across restarts on one data dir, so a restarted handler knows its runs."""
+    path = settings.data_dir / "handler.id"
+    try:
+        value = path.read_text().strip()
+    except FileNotFoundError:
+        value = ""
+    if not valid_id(value):
+        host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:40]
+        value = f"{host}-{short_id('')}"
+        path.write_text(value + "\n")
+    return value
 
 
 def parse_roles(text: str | None) -> tuple[str, ...]:
@@ -80,7 +96,7 @@ async def run(
                 await commands.start()
                 services.append(commands)
             if "handler" in roles:
-                handler = Handler(events, settings)
+                handler = Handler(events, settings, handler_id=stable_handler_id(settings))
                 await handler.start()
                 services.append(handler)
             await nc.flush()

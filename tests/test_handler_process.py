@@ -115,3 +115,35 @@ async def test_kill_9_of_a_handler_mid_build(
         if doomed.poll() is None:
             doomed.kill()
             doomed.communicate(timeout=10)
+
+
+async def test_a_restarted_handler_reconciles_the_runs_it_owned(
+    tmp_path: Path, nats_server: EmbeddedNats, event_log: EventLog
+) -> None:
+    """A handler killed mid-build and started again on the same data dir ends its old run at
+    once (handler_restarted) and runs the retry itself, without waiting for the watchdog."""
+    first = start_handler_process(tmp_path, nats_server.url, "same")
+    try:
+        task_id = (await Commands(event_log).dispatch(body(tmp_path, "re", agent="slow"))).task_id
+        claim = await h.wait_for(event_log, h.of_type(task_id, "task_claimed"))
+        await h.wait_for(event_log, h.of_type(task_id, "builder_started"))
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=10)
+        second = start_handler_process(tmp_path, nats_server.url, "same")
+        try:
+            ended = await h.wait_for(event_log, h.of_type(task_id, "run_finished"), timeout=10)
+            assert ended.data.reason == "handler_restarted"
+            retry = await h.wait_for(
+                event_log,
+                lambda e: h.of_type(task_id, "task_claimed")(e) and e.data.attempt == 2,
+                timeout=10,
+            )
+            assert retry.data.handler == claim.data.handler
+            assert not any(e.type == "run_stale" for e in await event_log.history("task", task_id))
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate(timeout=10)

@@ -63,13 +63,27 @@ class Handler:
         self._loops = [
             asyncio.create_task(self._follow(target), name="handler-follow"),
             asyncio.create_task(self._claim_loop(), name="handler-claim"),
-            asyncio.create_task(self._heartbeat_loop(), name="handler-heartbeat"),
-            asyncio.create_task(self._watchdog_loop(), name="handler-watchdog"),
         ]
         if target == 0:
             self._caught_up.set()
         await self._caught_up.wait()
         await self._beat()
+        await self._reconcile()
+        # The watchdog starts after reconciling, so our own old runs are not judged silent.
+        self._loops += [
+            asyncio.create_task(self._heartbeat_loop(), name="handler-heartbeat"),
+            asyncio.create_task(self._watchdog_loop(), name="handler-watchdog"),
+        ]
+
+    async def _reconcile(self) -> None:
+        """Runs this handler owned in a previous life cannot be running now: end them (killing
+        any builder group left on this host) so they are retried at once, not after
+        ``failed_after``."""
+        now = utcnow()
+        for task in self.book.running():
+            if task.handler == self.id and task.id not in self.runs:
+                kill_leftover_group(task.pgids.get(self.host))
+                await self._end_run(task, "handler_restarted", "the handler restarted", now)
 
     async def stop(self) -> None:
         """Stop claiming; end our runs (their builders killed), and let them be retried."""
@@ -261,13 +275,25 @@ class Handler:
     async def _fail_silent_run(self, task: Task, silent: float, now: datetime) -> None:
         alive = self._handler_alive(task.handler, now)
         reason = "agent_silent" if alive else "handler_lost"
+        if await self._end_run(task, reason, f"no heartbeat for {silent:.0f}s", now):
+            own = self.runs.get(task.id)
+            if own is not None and own.run_id == task.run_id:
+                own.abort(
+                    t.TaskState.CANCELLED if task.cancel_requested else t.TaskState.FAILED, reason
+                )
+            else:
+                kill_leftover_group(task.pgids.get(self.host))
+
+    async def _end_run(self, task: Task, reason: str, summary: str, now: datetime) -> bool:
+        """Fail (or, if a cancel was asked for, cancel) a run with a guarded append; retry by
+        policy. True if this verdict landed."""
         cancel = task.cancel_requested
         outcome = t.TaskState.CANCELLED if cancel else t.TaskState.FAILED
         finished = t.RunFinished(
             run_id=task.run_id,
             outcome=outcome,
             reason=reason,
-            summary=f"no heartbeat for {silent:.0f}s",
+            summary=summary,
             phase=task.phase,
         )
         fate: t.EventData
@@ -283,15 +309,11 @@ class Handler:
         try:
             await self.events.append_batch(batch, expect=task.last_seq)
         except ConcurrencyConflict:
-            return
+            return False
         log.warning(
-            "run %s of %s failed: %s", task.run_id, task.id, reason, extra={"action": "verdict"}
+            "run %s of %s ended: %s", task.run_id, task.id, reason, extra={"action": "verdict"}
         )
-        own = self.runs.get(task.id)
-        if own is not None and own.run_id == task.run_id:
-            own.abort(outcome, reason)
-        else:
-            kill_leftover_group(task.pgids.get(self.host))
+        return True
 
 
 def kill_leftover_group(pgid: int | None) -> None:
