@@ -49,7 +49,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Self
 
-__all__ = ["ERROR_TYPES", "FakeAnthropic", "RecordedRequest", "Turn"]
+__all__ = [
+    "ERROR_TYPES",
+    "FakeAnthropic",
+    "RecordedRequest",
+    "Turn",
+    "TurnFactory",
+    "default_classify",
+]
 
 #: Anthropic's error ``type`` for each HTTP status it uses.
 ERROR_TYPES: dict[int, str] = {
@@ -161,10 +168,10 @@ class RecordedRequest:
 
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names lower-cased
     raw: bytes
-    body: Any
-    role: str  # "main", "aux", "count_tokens" or "other"
+    body: Any  # the parsed JSON, or None
+    role: str  # "main", "subagent", "aux", "count_tokens" or "other"
     turn: Turn | None = None
     time: float = field(default_factory=time.time)
 

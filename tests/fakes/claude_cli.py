@@ -8,6 +8,7 @@ it fails instead (CI sets it so a broken install cannot pass silently).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -27,7 +28,9 @@ INSTALL_COMMAND = (
 
 #: Environment that keeps a CLI run offline, quiet and away from the real ~/.claude.
 QUIET_ENV: dict[str, str] = {
-    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",  # also implies the three below
+    # Documented as DISABLE_AUTOUPDATER + DISABLE_BUG_COMMAND + DISABLE_ERROR_REPORTING +
+    # DISABLE_TELEMETRY; it also stops the HEAD /api/hello probe. Those four are set anyway.
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
     "DISABLE_AUTOUPDATER": "1",
     "DISABLE_TELEMETRY": "1",
     "DISABLE_ERROR_REPORTING": "1",
@@ -54,14 +57,41 @@ def find_claude() -> str | None:
     return shutil.which("claude")
 
 
+@functools.cache
+def claude_version(binary: str) -> str | None:
+    """``claude --version`` (e.g. ``2.1.330 (Claude Code)``), or None if it does not run.
+
+    npm leaves a placeholder script at bin/claude.exe when the package's postinstall did not
+    run (``--ignore-scripts``) or the native optional dependency is missing; this catches it.
+    """
+    try:
+        proc = subprocess.run(
+            [binary, "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except OSError:
+        return None
+    out = proc.stdout.strip()
+    return out if proc.returncode == 0 and "Claude Code" in out else None
+
+
 def require_claude() -> str:
     """The CLI binary; skips the test when it is missing (fails if SHIPYARD_REQUIRE_CLAUDE=1)."""
     binary = find_claude()
+    reason = None
     if binary is None:
         reason = f"Claude Code CLI not found; install it with: {INSTALL_COMMAND}"
+    elif claude_version(binary) is None:
+        reason = f"{binary} does not run (placeholder left by npm?); reinstall: {INSTALL_COMMAND}"
+    if reason is not None:
         if os.environ.get("SHIPYARD_REQUIRE_CLAUDE") == "1":
             pytest.fail(f"SHIPYARD_REQUIRE_CLAUDE=1 but {reason}")
         pytest.skip(reason)
+    assert binary is not None
     return binary
 
 
