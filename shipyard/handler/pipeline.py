@@ -621,7 +621,19 @@ class Run:
         self._check()
 
         async def read() -> None:
-            async for line in proc.lines():
+            lines = proc.lines()
+            while True:
+                # Once it printed a result it must exit soon; more output (a subagent's
+                # second result) is still read, but silence past the grace ends it.
+                grace = self.hs.result_grace if parser.result_seen else None
+                try:
+                    line = await asyncio.wait_for(anext(lines), grace)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    log.info("builder %s lingered after its result; ending it", proc.pid)
+                    await proc.kill()
+                    return
                 self._log(line)
                 for update in parser.feed(line):
                     self._on_update(update)
@@ -629,8 +641,6 @@ class Run:
                     moves, self._pending_moves = self._pending_moves, []
                     await self._append(*moves)
                 await self._maybe_progress()
-                if parser.result_seen:
-                    break
 
         reader = asyncio.create_task(read())
         aborted = asyncio.create_task(self._abort_event.wait())
@@ -642,13 +652,10 @@ class Run:
             )
             if reader in done:
                 reader.result()
-                if parser.result_seen:
-                    # It printed its result; it gets a short grace to exit on its own.
-                    try:
-                        await asyncio.wait_for(proc.wait(), self.hs.result_grace)
-                    except TimeoutError:
-                        log.info("builder %s lingered after its result; ending it", proc.pid)
-                        await proc.kill()
+                try:
+                    await asyncio.wait_for(proc.wait(), self.hs.result_grace)
+                except TimeoutError:
+                    log.info("builder %s lingered after closing its output", proc.pid)
             else:
                 await proc.kill()
         finally:

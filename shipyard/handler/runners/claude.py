@@ -68,6 +68,8 @@ class ClaudeParser(Parser):
     def __init__(self) -> None:
         super().__init__()
         self.texts: list[str] = []
+        self._messages: set[str] = set()  # assistant message ids already counted
+        self._tasks: dict[str, Todo] = {}  # TaskCreate / TaskUpdate checklist, by task id
 
     def feed(self, line: str) -> list[Update]:
         msg = json_line(line)
@@ -83,10 +85,16 @@ class ClaudeParser(Parser):
             message = msg.get("message") or {}
             for block in message.get("content") or []:
                 updates.extend(self._block(block))
-            usage = message.get("usage") or {}
-            out.tokens_in += int(usage.get("input_tokens") or 0)
-            out.tokens_out += int(usage.get("output_tokens") or 0)
-            updates.append(Update("usage"))
+            # One line per content block, each repeating its message's usage: count it once.
+            mid = str(message.get("id") or "")
+            if mid and mid not in self._messages:
+                self._messages.add(mid)
+                usage = message.get("usage") or {}
+                out.tokens_in += int(usage.get("input_tokens") or 0)
+                out.tokens_out += int(usage.get("output_tokens") or 0)
+                updates.append(Update("usage"))
+        elif kind == "user":
+            updates.extend(self._tool_results(msg))
         elif kind == "result":
             self._result(msg)
             updates.append(Update("usage"))
@@ -120,10 +128,28 @@ class ClaudeParser(Parser):
             updates.append(Update("todos", todos=todos))
         elif name == PLAN_TOOL and isinstance(tool_input.get("plan"), str):
             self.outcome.plan = tool_input["plan"]
+        elif name == "TaskUpdate" and tool_input.get("taskId") in self._tasks:
+            tid = str(tool_input["taskId"])
+            status = str(tool_input.get("status") or self._tasks[tid].status)
+            self._tasks[tid] = Todo(self._tasks[tid].title, status)
+            updates.append(Update("todos", todos=tuple(self._tasks.values())))
         return updates
 
+    def _tool_results(self, msg: dict[str, Any]) -> list[Update]:
+        """A created task (TaskCreate's result names its id) joins the checklist."""
+        result = msg.get("tool_use_result")
+        if isinstance(result, dict) and isinstance(result.get("task"), dict):
+            task = result["task"]
+            tid, subject = str(task.get("id") or ""), str(task.get("subject") or "")
+            if tid and subject:
+                self._tasks[tid] = Todo(subject, "pending")
+                return [Update("todos", todos=tuple(self._tasks.values()))]
+        return [Update("activity")]
+
     def _result(self, msg: dict[str, Any]) -> None:
+        """Every result line overwrites the last: with subagents there can be two."""
         out = self.outcome
+        out.permission_denials = []
         out.result_seen = True
         out.subtype = str(msg.get("subtype") or "")
         is_error = bool(msg.get("is_error"))
@@ -144,12 +170,17 @@ class ClaudeParser(Parser):
                 tool_input = denial.get("tool_input") or {}
                 if name == PLAN_TOOL and isinstance(tool_input.get("plan"), str):
                     out.plan = out.plan or tool_input["plan"]
+        errors = [str(e) for e in msg.get("errors") or []]
         if out.subtype == "error_max_turns":
             out.error = f"reached the turn limit ({out.turns} turns)"
         elif is_error:
-            out.error = out.result or out.subtype or "the builder reported an error"
+            status = msg.get("api_error_status")
+            prefix = f"API error {status}: " if status else ""
+            out.error = prefix + (out.result or "; ".join(errors) or out.subtype or "error")
         elif not out.ok:
-            out.error = out.subtype
+            out.error = "; ".join(errors) or out.subtype
+        else:
+            out.error = ""
 
     def finish(self, exit_code: int, stderr_tail: list[str]) -> Outcome:
         out = self.outcome
