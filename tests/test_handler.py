@@ -16,7 +16,7 @@ from shipyard.events.envelope import Event
 from shipyard.events.log import EventLog
 from shipyard.events.types import Phase, PhaseStatus, TaskState
 from shipyard.handler.service import Handler
-from shipyard.settings import Settings
+from shipyard.settings import AgentSettings, Settings
 from tests import handlers as h
 from tests.samples import dispatch_body
 
@@ -363,3 +363,58 @@ async def test_stale_lock_on_the_run_of_a_vanished_handler_is_failed_as_handler_
         event_log, lambda e: h.of_type(task_id, "task_claimed")(e) and e.data.attempt == 2
     )
     assert claim.data.handler == "survivor"
+
+
+async def test_codex_builder_runs_through_the_pipeline(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """A `codex` agent (a stand-in printing codex's JSONL) builds; its todo_list moves the
+    cards and its usage is counted."""
+    cfg = h.settings(tmp_path)
+    fake = str(Path(__file__).parent / "builders" / "fake_codex.py")
+    agents = {**cfg.agents, "codex": AgentSettings(kind="codex", binary=fake)}
+    cfg = cfg.model_copy(update={"agents": agents})
+    await start(handlers, event_log, cfg)
+    task_id = (await Commands(event_log).dispatch(body(tmp_path, "cx", agent="codex"))).task_id
+    done = await h.wait_for(event_log, h.finished(task_id))
+    assert done.data.outcome == TaskState.SUCCEEDED, done.data.reason
+    events = await history(event_log, task_id)
+    plan = next(e.data for e in events if e.type == "plan_recorded")
+    assert plan.source == "requirements"
+    moves = [e.data.column for e in events if e.type == "card_moved"]
+    assert "done" in moves
+    report = next(e.data for e in events if e.type == "report_written")
+    assert report.turns == 1
+    progress = [e.data for e in events if e.type == "work_progress"]
+    assert max(p.tokens_in for p in progress) == 1200
+
+
+async def test_concurrency_limits_runs_per_handler(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """With handler concurrency 2, no more than two runs are open at any moment."""
+    commands = Commands(event_log)
+    ids = [(await commands.dispatch(body(tmp_path, f"c{i}", agent="ok"))).task_id for i in range(5)]
+    await start(handlers, event_log, h.settings(tmp_path, concurrency=2))
+    for task_id in ids:
+        await h.wait_for(event_log, h.finished(task_id), timeout=60)
+    open_runs = peak = 0
+    async for event in event_log.read():
+        if event.type == "task_claimed":
+            open_runs += 1
+        elif event.type == "run_finished":
+            open_runs -= 1
+        peak = max(peak, open_runs)
+    assert peak == 2
+
+
+async def test_a_builder_past_its_wall_clock_limit_is_killed(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """A builder still running at handler.builder_timeout is killed; the run fails as such."""
+    await start(handlers, event_log, h.settings(tmp_path, builder_timeout=1.0))
+    task_id = (await Commands(event_log).dispatch(body(tmp_path, "wall", agent="slow"))).task_id
+    started = await h.wait_for(event_log, h.of_type(task_id, "builder_started"))
+    done = await h.wait_for(event_log, h.finished(task_id), timeout=20)
+    assert done.data.reason == "builder_timeout"
+    assert await _gone(started.data.pid)

@@ -32,6 +32,12 @@ kill_grace = 1.0
 kind = "command"
 command = [{python}, {script}, "{{phase}}", "slow"]
 env = {{ SHIPYARD_TEST_LAUNCHES = {launches} }}
+
+[agents.ok]
+kind = "command"
+command = [{python}, {script}, "{{phase}}", "ok"]
+env = {{ SHIPYARD_TEST_LAUNCHES = {launches} }}
+concurrency = 4
 """
 
 
@@ -147,3 +153,33 @@ async def test_a_restarted_handler_reconciles_the_runs_it_owned(
         if first.poll() is None:
             first.kill()
             first.communicate(timeout=10)
+
+
+async def test_two_handler_processes_run_thirty_tasks_exactly_once(
+    tmp_path: Path, nats_server: EmbeddedNats, event_log: EventLog
+) -> None:
+    """Two `shipyard up --roles handler` processes and 30 queued tasks: every builder is
+    launched exactly once, and both handlers take a share."""
+    commands = Commands(event_log)
+    ids = [
+        (await commands.dispatch(body(tmp_path, f"p{i}", agent="ok"))).task_id for i in range(30)
+    ]
+    procs = [start_handler_process(tmp_path, nats_server.url, name) for name in ("h1", "h2")]
+    try:
+        claims = []
+        for task_id in ids:
+            done = await h.wait_for(event_log, h.finished(task_id), timeout=120)
+            assert done.data.outcome == TaskState.SUCCEEDED
+        async for event in event_log.read():
+            if event.type == "task_claimed":
+                claims.append(event.data.handler)
+        assert len(claims) == 30
+        assert len(set(claims)) == 2
+        builds = [task for task, phase, _ in h.launches(tmp_path) if phase == "build"]
+        assert sorted(builds) == sorted(ids)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(30) == 0
+            proc.communicate(timeout=10)

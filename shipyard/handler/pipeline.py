@@ -644,6 +644,7 @@ class Run:
 
         reader = asyncio.create_task(read())
         aborted = asyncio.create_task(self._abort_event.wait())
+        timed_out = False
         try:
             done, _ = await asyncio.wait(
                 {reader, aborted},
@@ -657,6 +658,7 @@ class Run:
                 except TimeoutError:
                     log.info("builder %s lingered after closing its output", proc.pid)
             else:
+                timed_out = not done
                 await proc.kill()
         finally:
             for task in (reader, aborted):
@@ -666,6 +668,12 @@ class Run:
         self._builder = None
         self._check()
         outcome = parser.finish(code, list(proc.stderr_tail))
+        if timed_out:
+            outcome.ok = False
+            outcome.subtype = "timeout"
+            outcome.error = (
+                f"killed after {self.hs.builder_timeout:.0f}s (handler.builder_timeout)"
+            )
         if outcome.session_id:
             self.session_id = outcome.session_id
         self.progress.add(outcome)
@@ -723,6 +731,8 @@ class Run:
 def _reason(outcome: Outcome) -> str:
     if outcome.subtype == "error_max_turns":
         return "max_turns"
+    if outcome.subtype == "timeout":
+        return "builder_timeout"
     return "builder_error"
 
 
