@@ -41,6 +41,27 @@ def summary(event: Event[Any]) -> str:
         return f"attempt {d.attempt} queued" + (f": {d.reason}" if d.reason else "")
     if isinstance(d, t.TaskCancelRequested):
         return "cancel requested" + (f": {d.reason}" if d.reason else "")
+    if isinstance(d, t.TaskFinished):
+        return f"task {d.outcome}" + (f": {d.reason}" if d.reason else "")
+    if isinstance(d, t.RunStale):
+        return f"run {d.run_id} STALE: no heartbeat for {d.silent_for:.0f}s"
+    if isinstance(d, t.PlanRecorded):
+        return f"plan of {len(d.steps)} steps ({d.source})"
+    if isinstance(d, t.ValidationChecked):
+        verdict = "passed" if d.passed else "failed"
+        detail = f", missing {', '.join(d.missing)}" if d.missing else ""
+        code = f", `{d.command}` exited {d.exit_code}" if d.command else ""
+        return f"validation round {d.round} {verdict}{detail}{code}"
+    if isinstance(d, t.ReportWritten):
+        return d.summary
+    if isinstance(d, t.BuilderStarted):
+        return f"{d.phase.label}: started {d.program} (pid {d.pid}) on {d.host}"
+    if isinstance(d, t.CardAdded):
+        return f"card {d.card_id}: {d.title}"
+    if isinstance(d, t.CardMoved):
+        return f"card {d.card_id} to {d.column}"
+    if isinstance(d, t.HandlerHeartbeat):
+        return f"{d.host} pid {d.pid}, {len(d.runs)} run(s)"
     return ""
 
 

@@ -671,9 +671,7 @@ class Run:
         if timed_out:
             outcome.ok = False
             outcome.subtype = "timeout"
-            outcome.error = (
-                f"killed after {self.hs.builder_timeout:.0f}s (handler.builder_timeout)"
-            )
+            outcome.error = f"killed after {self.hs.builder_timeout:.0f}s (handler.builder_timeout)"
         if outcome.session_id:
             self.session_id = outcome.session_id
         self.progress.add(outcome)

@@ -1,0 +1,123 @@
+-- Read-model queries. Each section is one statement, run by shipyard/projections/queries.py.
+
+-- name: history
+SELECT run_id, task_id, title, agent, group_name, attempt, outcome, reason, phase_results,
+       started_at, ended_at, duration_s, turns, cost_usd, heal_rounds
+FROM history
+WHERE ($outcome = '' OR outcome = $outcome)
+  AND ($agent = '' OR agent = $agent)
+  AND ($search = '' OR contains(lower(title), lower($search)) OR task_id = $search)
+  AND ($before = 0 OR finished_seq < $before)
+ORDER BY finished_seq DESC
+LIMIT $limit;
+
+-- name: history_count
+SELECT count(*)
+FROM history
+WHERE ($outcome = '' OR outcome = $outcome)
+  AND ($agent = '' OR agent = $agent)
+  AND ($search = '' OR contains(lower(title), lower($search)) OR task_id = $search);
+
+-- name: history_cursor
+SELECT finished_seq FROM history WHERE run_id = $run_id;
+
+-- name: live_runs
+SELECT r.run_id, r.task_id, r.title, r.group_name, r.attempt, r.handler, r.agent, r.state,
+       r.stale, r.phase, r.percent, r.action, r.turns, r.tool_calls, r.tokens_in,
+       r.tokens_out, r.cost_usd, r.last_tool, r.blockers, r.started_at, r.last_heartbeat
+FROM runs r
+WHERE r.state = 'running'
+ORDER BY r.group_name, r.started_at;
+
+-- name: run
+SELECT run_id, task_id, title, group_name, attempt, handler, agent, state, stale, phase,
+       percent, action, turns, tool_calls, tokens_in, tokens_out, cost_usd, last_tool,
+       blockers, heal_rounds, reason, error, failed_phase, summary, report_path, plan_steps,
+       plan_source, files_changed, started_at, last_heartbeat, ended_at
+FROM runs WHERE run_id = $run_id;
+
+-- name: run_phases
+SELECT phase, position, status, started_at, ended_at, action, result
+FROM phases WHERE run_id = $run_id ORDER BY position;
+
+-- name: run_validations
+SELECT round, passed, missing, command, exit_code, output, at_time
+FROM validations WHERE run_id = $run_id ORDER BY round;
+
+-- name: task
+SELECT task_id, title, dispatcher, priority, task_type, agent, group_name, after_ids,
+       working_dir, escalated_from, rework, state, attempt, run_id, reason,
+       cancel_requested, created_at, updated_at
+FROM tasks WHERE task_id = $task_id;
+
+-- name: task_runs
+SELECT run_id FROM runs WHERE task_id = $task_id ORDER BY attempt, started_at;
+
+-- name: tasks
+SELECT t.task_id, t.title, t.dispatcher, t.priority, t.task_type, t.agent, t.group_name,
+       t.after_ids, t.working_dir, t.escalated_from, t.rework,
+       CASE WHEN t.state = 'queued' AND EXISTS (
+                SELECT 1 FROM unnest(t.after_ids) AS a(id)
+                LEFT JOIN tasks p ON p.task_id = a.id
+                WHERE p.state IS DISTINCT FROM 'succeeded')
+            THEN 'blocked' ELSE t.state END AS state,
+       t.attempt, t.run_id, t.reason, t.cancel_requested, t.created_at, t.updated_at
+FROM tasks t
+WHERE ($state = '' OR t.state = $state OR ($state = 'blocked' AND t.state = 'queued'))
+ORDER BY t.created_seq DESC
+LIMIT $limit;
+
+-- name: activity
+SELECT seq, at_time, task_id, run_id, kind, actor, text
+FROM activity
+WHERE ($task_id = '' OR task_id = $task_id)
+  AND ($before = 0 OR seq < $before)
+ORDER BY seq DESC
+LIMIT $limit;
+
+-- name: kanban
+WITH task_cards AS (
+    SELECT t.task_id AS card_id, t.task_id, t.run_id, 'task' AS kind, t.title,
+           CASE
+             WHEN t.state = 'queued' AND EXISTS (
+                  SELECT 1 FROM unnest(t.after_ids) AS a(id)
+                  LEFT JOIN tasks p ON p.task_id = a.id
+                  WHERE p.state IS DISTINCT FROM 'succeeded') THEN 'blocked'
+             WHEN t.state = 'queued' THEN 'queued'
+             WHEN t.state = 'running' AND r.phase IN ('validate', 'heal') THEN 'validating'
+             WHEN t.state = 'running' THEN 'in_progress'
+             WHEN t.state = 'succeeded' THEN 'done'
+             ELSE 'failed'
+           END AS column_name,
+           t.created_seq AS position, t.priority_rank, t.priority, t.group_name, t.agent,
+           t.updated_at
+    FROM tasks t LEFT JOIN runs r ON r.run_id = t.run_id
+    WHERE t.state NOT IN ('succeeded', 'failed', 'cancelled') OR t.updated_at >= $since
+)
+SELECT * EXCLUDE (task_position, step) FROM (
+    SELECT card_id, task_id, run_id, kind, title, column_name, position, priority_rank,
+           priority, group_name, agent, updated_at, '' AS parent,
+           position AS task_position, 0 AS step
+    FROM task_cards
+    UNION ALL
+    SELECT c.card_id, c.task_id, c.run_id, 'step', c.title, c.column_name, c.position,
+           c.priority_rank, '', '', '', c.updated_at, c.task_id,
+           tc.position, 1
+    FROM cards c JOIN task_cards tc ON tc.task_id = c.task_id AND tc.run_id = c.run_id
+)
+ORDER BY priority_rank, task_position, step, position;
+
+-- name: agents
+SELECT name, current_runs, runs_total, succeeded, failed, last_seen FROM agents ORDER BY name;
+
+-- name: handlers
+SELECT handler_id, host, pid, capacity, runs, last_seen FROM handlers ORDER BY handler_id;
+
+-- name: queue_depth
+SELECT priority, count(*) FROM tasks WHERE state = 'queued' GROUP BY priority;
+
+-- name: tasks_by_state
+SELECT state, count(*) FROM tasks GROUP BY state;
+
+-- name: runs_by_state
+SELECT state, count(*), count(*) FILTER (WHERE stale) FROM runs GROUP BY state;
