@@ -14,13 +14,15 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 
-from shipyard import __version__, instance, runtime
+from shipyard import __version__, console, instance, runtime
 from shipyard import settings as settings_mod
 from shipyard.errors import CommandRejected, NotRunning, ShipyardError
 from shipyard.events import commands, text
 from shipyard.events.dispatch import MAX_DISPATCH_BYTES
 from shipyard.events.envelope import aggregate_subject, valid_id
 from shipyard.events.log import ALL_EVENTS, EventLog, connect
+from shipyard.projections import replay
+from shipyard.projections import service as query_service
 from shipyard.settings import Settings
 
 EXIT_OK = 0
@@ -115,6 +117,56 @@ def build_parser() -> argparse.ArgumentParser:
     _common(retry)
     retry.add_argument("task_id", metavar="ID", help="the task id (t-…)")
     retry.set_defaults(func=cmd_retry)
+
+    status = sub.add_parser(
+        "status",
+        help="what is running, queued and stale right now",
+        description="Show the queue, running builds with phase and percent, and STALE runs.",
+    )
+    _common(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    hist = sub.add_parser(
+        "history",
+        help="Build History: finished runs, newest first",
+        description="Finished runs with their eight phase results, duration, turns and cost.",
+    )
+    _common(hist)
+    hist.add_argument("--limit", type=int, default=20, help="rows per page (default 20)")
+    hist.add_argument("--before", default="", metavar="RUN_ID", help="the page after this run")
+    hist.add_argument(
+        "--outcome", default="", choices=["", "succeeded", "failed", "cancelled"], help="filter"
+    )
+    hist.add_argument("--agent", default="", help="only runs of this agent")
+    hist.add_argument("--search", default="", help="title text or task id")
+    hist.add_argument("--json", action="store_true", help="print JSON")
+    hist.set_defaults(func=cmd_history)
+
+    audit = sub.add_parser(
+        "audit",
+        help="a task's complete history, phase by phase",
+        description="Every event of a task — actor, time, phase by phase — from the event log.",
+    )
+    _common(audit)
+    audit.add_argument("task_id", metavar="ID", help="the task id (t-…)")
+    fmt = audit.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON document")
+    fmt.add_argument("--jsonl", action="store_true", help="one JSON event per line")
+    audit.set_defaults(func=cmd_audit)
+
+    replay = sub.add_parser(
+        "replay",
+        help="rebuild the read models from the event log",
+        description=(
+            "Rebuild every read model from sequence 1 into a fresh database and swap it in "
+            "(Shipyard must be stopped). --verify rebuilds beside the live one instead, prints "
+            "a digest per table and exits 1 on any difference (works while Shipyard runs)."
+        ),
+    )
+    _common(replay)
+    replay.add_argument("--verify", action="store_true", help="compare, do not replace")
+    replay.set_defaults(func=cmd_replay)
 
     events = sub.add_parser(
         "events",
@@ -249,6 +301,69 @@ def cmd_events(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _with_nats(args, show)
+
+
+def _print_json(value: Any) -> None:
+    print(msgspec.json.format(msgspec.json.encode(value)).decode())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def show(nc: NATS) -> int:
+        result = await query_service.ask(nc, "status")
+        if args.json:
+            _print_json(result)
+        else:
+            print(console.status(result))
+        return EXIT_OK
+
+    return _with_nats(args, show)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    async def show(nc: NATS) -> int:
+        page = await query_service.ask(
+            nc,
+            "history",
+            {
+                "limit": args.limit,
+                "before": args.before,
+                "outcome": args.outcome,
+                "agent": args.agent,
+                "search": args.search,
+            },
+        )
+        if args.json:
+            _print_json(page)
+        else:
+            print(console.history(page))
+        return EXIT_OK
+
+    return _with_nats(args, show)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    if not valid_id(args.task_id):
+        raise ShipyardError(f"{args.task_id!r} is not a task id")
+
+    async def show(nc: NATS) -> int:
+        trail = await EventLog(nc).history("task", args.task_id)
+        if not trail:
+            raise ShipyardError(f"no task {args.task_id} in the event log")
+        if args.jsonl:
+            for event in trail:
+                sys.stdout.write(msgspec.json.encode(event).decode() + "\n")
+        elif args.json:
+            _print_json({"task_id": args.task_id, "events": trail})
+        else:
+            print(console.audit(args.task_id, trail))
+        return EXIT_OK
+
+    return _with_nats(args, show)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    cfg = _settings(args)
+    return asyncio.run(replay.run(cfg, verify=args.verify, out=print))
 
 
 def _report(error: ShipyardError) -> None:

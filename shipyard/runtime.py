@@ -23,12 +23,48 @@ from shipyard.events.commands import Commands, CommandService
 from shipyard.events.envelope import short_id, valid_id
 from shipyard.events.log import EventLog, connect
 from shipyard.handler.service import Handler
+from shipyard.projections.projector import DB_FILE, Projector, ReadModels
+from shipyard.projections.service import QueryService
 from shipyard.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ROLES = ("commands", "handler")  # every role this release can run
+ROLES = ("projector", "commands", "handler")  # every role this release can run
 DEFAULT_ROLES = ROLES
+
+
+async def _start_roles(
+    settings: Settings, roles: tuple[str, ...], nc: Any, events: EventLog, services: list[Any]
+) -> None:
+    """Start each role, appending what must be stopped to ``services`` as it goes."""
+    if "projector" in roles:
+        models = ReadModels(settings.data_dir / DB_FILE)
+        await models.open()
+        services.append(_Closing(models))
+        projector = Projector(events, models)
+        await projector.start()
+        services.append(projector)
+        query_service = QueryService(nc, projector)
+        await query_service.start()
+        services.append(query_service)
+    if "commands" in roles:
+        command_service = CommandService(nc, Commands(events))
+        await command_service.start()
+        services.append(command_service)
+    if "handler" in roles:
+        handler = Handler(events, settings, handler_id=stable_handler_id(settings))
+        await handler.start()
+        services.append(handler)
+
+
+class _Closing:
+    """Closes the read models last among the services that use them."""
+
+    def __init__(self, models: ReadModels) -> None:
+        self.models = models
+
+    async def stop(self) -> None:
+        await self.models.close()
 
 
 def stable_handler_id(settings: Settings) -> str:
@@ -90,30 +126,28 @@ async def run(
         try:
             events = EventLog(nc)
             await events.ensure_stream(replicas=settings.stream_replicas)
-            services: list[CommandService | Handler] = []
-            if "commands" in roles:
-                commands = CommandService(nc, Commands(events))
-                await commands.start()
-                services.append(commands)
-            if "handler" in roles:
-                handler = Handler(events, settings, handler_id=stable_handler_id(settings))
-                await handler.start()
-                services.append(handler)
-            await nc.flush()
-            info = {
-                "pid": os.getpid(),
-                "version": __version__,
-                "nats_url": urls,
-                "embedded": settings.embedded,
-                "roles": list(roles),
-                "started": datetime.now(UTC).isoformat(),
-            }
-            instance.write_info(settings.data_dir, info)
-            if on_ready:
-                on_ready(info)
-            await stop.wait()
-            for service in reversed(services):
-                await service.stop()
+            services: list[Any] = []
+            try:
+                await _start_roles(settings, roles, nc, events, services)
+                await nc.flush()
+                info = {
+                    "pid": os.getpid(),
+                    "version": __version__,
+                    "nats_url": urls,
+                    "embedded": settings.embedded,
+                    "roles": list(roles),
+                    "started": datetime.now(UTC).isoformat(),
+                }
+                instance.write_info(settings.data_dir, info)
+                if on_ready:
+                    on_ready(info)
+                await stop.wait()
+            finally:
+                for service in reversed(services):
+                    try:
+                        await service.stop()
+                    except Exception:
+                        log.exception("stopping %s failed", type(service).__name__)
         finally:
             with contextlib.suppress(Exception):
                 await nc.drain()

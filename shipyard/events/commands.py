@@ -284,12 +284,16 @@ async def call(
     *,
     timeout: float = COMMAND_TIMEOUT,
     actor: str = "",
+    subject: str = "",
 ) -> dict[str, Any]:
-    """Send a command and return its result; raise :class:`CommandRejected` on refusal."""
+    """Send a command (or, with ``subject``, any request in the same reply format) and return
+    its result; raise :class:`CommandRejected` on refusal."""
     payload = body if isinstance(body, bytes) else msgspec.json.encode(body)
     headers = {"Shipyard-Actor": actor} if actor else None
     try:
-        msg = await nc.request(command_subject(name), payload, timeout=timeout, headers=headers)
+        msg = await nc.request(
+            subject or command_subject(name), payload, timeout=timeout, headers=headers
+        )
     except nats.errors.NoRespondersError as e:
         raise CommandUnavailable() from e
     except nats.errors.TimeoutError as e:

@@ -27,6 +27,7 @@ from shipyard.projections.fold import KEYS, Batch, utc
 log = logging.getLogger(__name__)
 
 NAME = "readmodels"
+DB_FILE = "readmodels.duckdb"  # under the data dir
 MAX_BATCH = 5000  # events applied in one transaction
 QUEUE_SIZE = 20_000  # decoded events waiting to be applied
 T = TypeVar("T")
