@@ -112,7 +112,7 @@ class Batch:
         self.last_time = event.time
         at = utc(event.time)
         data = event.data
-        handler = _APPLY.get(type(data))
+        handler = next((_APPLY[c] for c in type(data).__mro__ if c in _APPLY), None)
         if handler is not None:
             handler(self, event, data, at)
         if event.type not in QUIET:

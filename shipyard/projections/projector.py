@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +144,7 @@ class Projector:
         self._caught_up = asyncio.Event()
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
-        self.listeners: list[Callable[[int], None]] = []  # told each new checkpoint
+        self.listeners: list[Callable[[Status], Awaitable[None]]] = []  # told each checkpoint
 
     @property
     def status(self) -> Status:
@@ -203,7 +203,7 @@ class Projector:
             async with self._changed:
                 self._changed.notify_all()
             for listener in self.listeners:
-                listener(self.applied)
+                await listener(self.status)
 
 
 async def build(events: EventLog, path: Path | str, *, stop: int | None = None) -> ReadModels:

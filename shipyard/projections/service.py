@@ -7,6 +7,7 @@ Replies use the command reply format: ``{"ok": true, "result": …}``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,12 +20,13 @@ from nats.aio.msg import Msg
 from shipyard.errors import CommandRejected, CommandUnavailable
 from shipyard.events import commands
 from shipyard.projections import queries
-from shipyard.projections.projector import Projector, ReadModels
+from shipyard.projections.projector import Projector, ReadModels, Status
 
 log = logging.getLogger(__name__)
 
 QUERY_PREFIX = "sy.qry"
 QUEUE_GROUP = "shipyard-queries"
+PROGRESS_SUBJECT = "sy.status.projector"  # each committed batch: applied, target, caught_up
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -63,6 +65,17 @@ class QueryService:
         self._sub = await self.nc.subscribe(
             f"{QUERY_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_message
         )
+        self.projector.listeners.append(self._announce)
+
+    async def _announce(self, status: Status) -> None:
+        """Tell whoever listens how far the projection is (core NATS; nothing is stored)."""
+        body = {
+            "applied_seq": status.applied_seq,
+            "target_seq": status.target_seq,
+            "caught_up": status.caught_up,
+        }
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(PROGRESS_SUBJECT, msgspec.json.encode(body))
 
     async def stop(self) -> None:
         if self._sub is not None:
