@@ -60,10 +60,20 @@ class TaskBook:
     def __init__(self) -> None:
         self.tasks: dict[str, Task] = {}
         self.handlers: dict[str, datetime] = {}
+        self.queued: dict[str, Task] = {}  # tasks in state QUEUED, the only claimable ones
         self.last_seq = 0
 
     def apply(self, event: Event[Any]) -> Task | None:
         """Fold one event in; return the task it touched, if any."""
+        task = self._apply(event)
+        if task is not None:
+            if task.state == t.TaskState.QUEUED:
+                self.queued[task.id] = task
+            else:
+                self.queued.pop(task.id, None)
+        return task
+
+    def _apply(self, event: Event[Any]) -> Task | None:
         self.last_seq = max(self.last_seq, event.seq)
         data = event.data
         if isinstance(data, t.HandlerHeartbeat):
@@ -160,7 +170,7 @@ class TaskBook:
         """Queued tasks whose prerequisites all succeeded, most urgent and oldest first."""
         ready = [
             task
-            for task in self.tasks.values()
+            for task in self.queued.values()
             if task.state == t.TaskState.QUEUED
             and not task.cancel_requested
             and (task.not_before is None or task.not_before <= now)

@@ -15,7 +15,6 @@ import ctypes
 import os
 import signal
 import sys
-import threading
 
 GRACE_ENV = "SHIPYARD_KILL_GRACE"
 _PR_SET_PDEATHSIG = 1
@@ -55,12 +54,23 @@ def main(argv: list[str]) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
 
+    # Only a guard that leads its own group may signal the group; otherwise just the builder.
+    group = os.getpgid(0) == os.getpid()
+
+    def kill(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(0, sig)
+            else:
+                os.kill(pid, sig)
+
     def take_down(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(0, signal.SIGTERM)
-        timer = threading.Timer(grace, lambda: os.killpg(0, signal.SIGKILL))
+        kill(signal.SIGTERM)
+        import threading  # only now: it costs milliseconds at every start
+
+        timer = threading.Timer(grace, kill, args=(signal.SIGKILL,))
         timer.daemon = True
         timer.start()
 
@@ -76,9 +86,10 @@ def main(argv: list[str]) -> int:
             return 1
     code = os.waitstatus_to_exitcode(status)
     # The builder is gone; anything it left running in its group goes with it.
-    with contextlib.suppress(ProcessLookupError):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        os.killpg(0, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if group:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(0, signal.SIGTERM)
     return code if code >= 0 else 128 - code
 
 

@@ -146,7 +146,14 @@ class Run:
         return make(data, aggregate_id=self.task_id, actor=self.actor)
 
     async def _append(self, *data: t.EventData) -> None:
-        await self.events.append_batch([self._event(d) for d in data])
+        """Append in order. Plain appends sent together, not an atomic batch: these events
+        need no all-or-nothing (each is idempotent) and a batch commit costs ten times more."""
+        events = [self._event(d) for d in data]
+        if len(events) == 1:
+            await self.events.append(events[0])
+        else:
+            # Each request is written to the connection before the next starts: order holds.
+            await asyncio.gather(*(self.events.append(e) for e in events))
 
     def _progress_event(self) -> t.WorkProgress:
         p = self.progress
@@ -666,6 +673,8 @@ class Run:
             await asyncio.gather(reader, aborted, return_exceptions=True)
         code = await proc.kill()
         self._builder = None
+        if self._log_file is not None:
+            self._log_file.flush()
         self._check()
         outcome = parser.finish(code, list(proc.stderr_tail))
         if timed_out:
@@ -722,8 +731,7 @@ class Run:
 
     def _log(self, line: str) -> None:
         if self._log_file is not None:
-            self._log_file.write(line + "\n")
-            self._log_file.flush()
+            self._log_file.write(line + "\n")  # buffered; flushed when each call ends
 
 
 def _reason(outcome: Outcome) -> str:

@@ -31,6 +31,8 @@ from shipyard.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Events after which a queued task may have become claimable, or a slot free.
+_WAKING = (t.TaskDispatched, t.TaskRequeued, t.TaskFinished, t.RunFinished, t.TaskClaimed)
 MIN_CHECK = 0.05  # seconds: the watchdog's shortest check period
 MAX_CHECK = 5.0  # seconds: and its longest
 
@@ -81,7 +83,7 @@ class Handler:
         ``failed_after``."""
         now = utcnow()
         for task in self.book.running():
-            if task.handler == self.id and task.id not in self.runs:
+            if task.run_open and task.handler == self.id and task.id not in self.runs:
                 kill_leftover_group(task.pgids.get(self.host))
                 await self._end_run(task, "handler_restarted", "the handler restarted", now)
 
@@ -103,9 +105,11 @@ class Handler:
             task = self.book.apply(event)
             if task is not None:
                 self._react(event, task)
+                if isinstance(event.data, _WAKING):
+                    self._wake.set()
             if not self._caught_up.is_set() and event.seq >= target:
                 self._caught_up.set()
-            self._wake.set()
+                self._wake.set()
 
     def _react(self, event: Event[Any], task: Task) -> None:
         run = self.runs.get(task.id)
@@ -161,15 +165,15 @@ class Handler:
             if runner is None or self._busy(agent) >= runner.settings.concurrency:
                 continue  # another handler may have this agent, or a free slot
             await self._claim(task, runner)
-        for task in self.book.tasks.values():
-            if task.state == t.TaskState.QUEUED and task.not_before and task.not_before > now:
+        for task in self.book.queued.values():
+            if task.not_before and task.not_before > now:
                 next_due = min(next_due or task.not_before, task.not_before)
         return (next_due - now).total_seconds() if next_due else None
 
     async def _settle_dependants(self) -> None:
         if self.hs.hold_dependants:
             return
-        for task in list(self.book.tasks.values()):
+        for task in list(self.book.queued.values()):
             if task.state != t.TaskState.QUEUED or not task.spec.after:
                 continue
             dep = self.book.failed_prerequisite(task)
@@ -183,6 +187,16 @@ class Handler:
                 )
 
     async def _claim(self, task: Task, runner: Runner) -> None:
+        # Task objects are live: earlier awaits in this pass may have let the follower move this
+        # one on. Decide on what is true now; the expected sequence is read with no await
+        # between this check and the append.
+        if (
+            task.state != t.TaskState.QUEUED
+            or task.cancel_requested
+            or task.id in self.runs
+            or self.book.waiting_for(task)
+        ):
+            return
         run_id = short_id("r-")
         claim = t.TaskClaimed(
             run_id=run_id, handler=self.id, agent=runner.name, attempt=task.attempt
@@ -252,7 +266,8 @@ class Handler:
         Each verdict is an expected-sequence append, so among many handlers exactly one lands.
         """
         for task in self.book.running():
-            if task.last_activity is None:
+            # Re-checked each time round: earlier verdicts' awaits may have moved this task on.
+            if task.last_activity is None or not task.run_open:
                 continue
             silent = (now - task.last_activity).total_seconds()
             if silent >= self.hs.failed_after:
