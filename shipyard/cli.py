@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(status)
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--fresh", action="store_true", help="wait until the read models include every event"
+    )
     status.set_defaults(func=cmd_status)
 
     hist = sub.add_parser(
@@ -141,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--agent", default="", help="only runs of this agent")
     hist.add_argument("--search", default="", help="title text or task id")
     hist.add_argument("--json", action="store_true", help="print JSON")
+    hist.add_argument(
+        "--fresh", action="store_true", help="wait until the read models include every event"
+    )
     hist.set_defaults(func=cmd_history)
 
     audit = sub.add_parser(
@@ -307,9 +313,14 @@ def _print_json(value: Any) -> None:
     print(msgspec.json.format(msgspec.json.encode(value)).decode())
 
 
+async def _freshness(nc: NATS, fresh: bool) -> dict[str, int]:
+    """With --fresh, ask the query to wait until the projection has the log's last event."""
+    return {"min_seq": await EventLog(nc).stream_last_seq()} if fresh else {}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     async def show(nc: NATS) -> int:
-        result = await query_service.ask(nc, "status")
+        result = await query_service.ask(nc, "status", await _freshness(nc, args.fresh))
         if args.json:
             _print_json(result)
         else:
@@ -330,6 +341,7 @@ def cmd_history(args: argparse.Namespace) -> int:
                 "outcome": args.outcome,
                 "agent": args.agent,
                 "search": args.search,
+                **await _freshness(nc, args.fresh),
             },
         )
         if args.json:

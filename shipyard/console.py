@@ -90,12 +90,14 @@ def audit(task_id: str, events: list[Event[Any]]) -> str:
     if isinstance(first, t.TaskDispatched):
         lines.append(f"Task {task_id}: {first.title}")
         lines.append(f"  working dir {first.working_dir}, priority {first.priority}")
+    headed: set[tuple[str, t.Phase]] = set()
     for event in events:
         d = event.data
         stamp = event.time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         if isinstance(d, t.TaskClaimed):
             lines.append(f"\nRun {d.run_id} (attempt {d.attempt}) — {d.agent} on {d.handler}")
-        if isinstance(d, t.PhaseChanged) and d.status == t.PhaseStatus.STARTED:
+        if isinstance(d, t.PhaseChanged) and (d.run_id, d.phase) not in headed:
+            headed.add((d.run_id, d.phase))
             lines.append(f"  {d.phase.position + 1}. {d.phase.label}")
         indent = "     " if not isinstance(d, t.TaskDispatched | t.TaskClaimed) else "  "
         lines.append(

@@ -11,6 +11,7 @@ import pytest
 
 from shipyard.cli import build_parser
 from tests.conftest import Up
+from tests.handlers import SCRIPTED
 from tests.samples import dispatch_body
 
 SUBCOMMANDS = sorted(
@@ -167,3 +168,90 @@ def test_cancel_and_retry_from_the_command_line(tmp_path: Path) -> None:
         assert "no task t-doesnotexist" in unknown.stderr
     finally:
         assert running.stop() == 0
+
+
+def _up_with_scripted_builder(tmp_path: Path) -> Up:
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "work").mkdir()
+    q = json.dumps
+    (data / "shipyard.toml").write_text(
+        f"""
+[handler]
+default_agent = "scripted"
+workdir_roots = [{q(str(tmp_path / "work"))}]
+
+[agents.scripted]
+kind = "command"
+command = [{q(sys.executable)}, {q(SCRIPTED)}, "{{phase}}", "ok"]
+"""
+    )
+    running = Up(data)
+    running.wait_ready()
+    return running
+
+
+def test_status_history_and_audit_show_a_finished_build(tmp_path: Path) -> None:
+    """After a build, `history` lists it with its eight phases, `status` shows an idle
+    handler, and `audit` prints every event phase by phase (also as JSON and JSON lines)."""
+    running = _up_with_scripted_builder(tmp_path)
+    try:
+        body = dispatch_body(workdir=str(tmp_path / "work" / "demo"))
+        prompt = body["payload"]["prompt"].replace("app/health.py", "hello.txt")
+        body["payload"]["prompt"] = prompt.replace("python -m pytest -q", "test -f hello.txt")
+        task_id = running.cli("dispatch", "-", stdin=json.dumps(body)).stdout.strip()
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "shipyard.cli", "events", "--follow", "--task", task_id],
+            env=running.env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert follow.stdout is not None
+        for line in follow.stdout:
+            if "task_finished" in line:
+                break
+        follow.terminate()
+        follow.communicate(timeout=10)
+        assert "task succeeded" in line
+
+        # --fresh waits for the projection to reach the log's end: no race with the last batch.
+        history = running.cli("history", "--json", "--fresh")
+        assert history.returncode == 0, history.stderr
+        page = json.loads(history.stdout)
+        row = page["rows"][0]
+        assert row["task_id"] == task_id
+        assert row["outcome"] == "succeeded"
+        assert row["phase_results"][5] == "skipped"
+        text = running.cli("history").stdout
+        assert "●●●●●○●●" in text
+
+        status = running.cli("status", "--fresh")
+        assert status.returncode == 0
+        assert "Running: nothing" in status.stdout
+        assert json.loads(running.cli("status", "--json").stdout)["projection"]["caught_up"]
+
+        audit = running.cli("audit", task_id)
+        assert audit.returncode == 0
+        for label in ("1. CONTEXT", "4. BUILD", "6. HEAL", "8. CLOSE"):
+            assert label in audit.stdout
+        as_json = json.loads(running.cli("audit", task_id, "--json").stdout)
+        lines = running.cli("audit", task_id, "--jsonl").stdout.splitlines()
+        assert len(as_json["events"]) == len(lines)
+        assert json.loads(lines[-1])["type"] == "task_finished"
+
+        verify = running.cli("replay", "--verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        refused = running.cli("replay")
+        assert refused.returncode == 1
+        assert "stop it first" in refused.stderr
+    finally:
+        assert running.stop() == 0
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "shipyard.cli", "replay"],
+        env=running.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "Rebuilt the read models" in rebuilt.stdout

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 QUERY_PREFIX = "sy.qry"
 QUEUE_GROUP = "shipyard-queries"
+FRESH_TIMEOUT = 20.0  # seconds a query waits for the projection to reach ``min_seq``
 PROGRESS_SUBJECT = "sy.status.projector"  # each committed batch: applied, target, caught_up
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -91,6 +92,17 @@ class QueryService:
             args = msgspec.json.decode(msg.data) if msg.data else {}
             if not isinstance(args, dict):
                 raise CommandRejected("body: must be a JSON object", code="invalid")
+            min_seq = _int(args, "min_seq", 0)
+            if min_seq:
+                # Read-your-writes: answer once the projection has applied that sequence.
+                try:
+                    await asyncio.wait_for(self.projector.wait_for(min_seq), FRESH_TIMEOUT)
+                except TimeoutError:
+                    raise CommandRejected(
+                        f"the read models did not reach sequence {min_seq} within "
+                        f"{FRESH_TIMEOUT:.0f}s; try again without --fresh",
+                        code="unavailable",
+                    ) from None
             reply: dict[str, Any] = {"ok": True, "result": await handler(args)}
         except CommandRejected as e:
             reply = {"ok": False, "error": {"code": e.code, "message": e.message, "problems": []}}
@@ -176,7 +188,3 @@ async def ask(nc: NATS, name: str, args: dict[str, Any] | None = None) -> Any:
         raise CommandUnavailable(
             "no projector answered: is `shipyard up` running with the `projector` role?"
         ) from e
-
-
-async def wait_until(projector: Projector, seq: int, timeout: float) -> None:
-    await asyncio.wait_for(projector.wait_for(seq), timeout)
