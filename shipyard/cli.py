@@ -174,6 +174,52 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--verify", action="store_true", help="compare, do not replace")
     replay.set_defaults(func=cmd_replay)
 
+    send = sub.add_parser(
+        "send",
+        help="send a message to another agent",
+        description=(
+            "Send a message (comment, question, status_request, status_response or directive) "
+            "from one agent to another, or to everyone with --to '*'."
+        ),
+    )
+    _common(send)
+    send.add_argument("--from", dest="sender", required=True, metavar="AGENT", help="who sends")
+    send.add_argument("--to", dest="recipient", required=True, metavar="AGENT", help="to whom")
+    send.add_argument(
+        "--type",
+        default="comment",
+        choices=["comment", "question", "status_request", "status_response", "directive"],
+        help="the kind of message (default comment)",
+    )
+    send.add_argument("body", metavar="TEXT", help="the message")
+    send.add_argument("--thread", default="", metavar="ID", help="continue this thread")
+    send.add_argument("--reply-to", default="", metavar="MESSAGE_ID", help="answer this message")
+    send.add_argument("--task", default="", metavar="ID", help="the task it is about")
+    send.add_argument(
+        "--priority", default="normal", choices=["low", "normal", "high", "urgent"], help="urgency"
+    )
+    send.set_defaults(func=cmd_send)
+
+    inbox = sub.add_parser(
+        "inbox",
+        help="an agent's messages",
+        description="Messages to an agent (and to everyone), oldest first.",
+    )
+    _common(inbox)
+    inbox.add_argument("--agent", required=True, metavar="AGENT", help="whose inbox")
+    inbox.add_argument("--unread", action="store_true", help="only unread messages")
+    inbox.add_argument("--mark-read", action="store_true", help="mark what is shown as read")
+    inbox.add_argument("--json", action="store_true", help="print JSON")
+    inbox.set_defaults(func=cmd_inbox)
+
+    thread = sub.add_parser(
+        "thread", help="a whole thread", description="Every message of a thread, with receipts."
+    )
+    _common(thread)
+    thread.add_argument("thread_id", metavar="ID", help="the thread id (th-…)")
+    thread.add_argument("--json", action="store_true", help="print JSON")
+    thread.set_defaults(func=cmd_thread)
+
     events = sub.add_parser(
         "events",
         help="print the event log as an audit trail",
@@ -282,6 +328,63 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _with_nats(args, send)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    async def go(nc: NATS) -> int:
+        body = {
+            "sender": args.sender,
+            "recipient": args.recipient,
+            "type": args.type,
+            "body": args.body,
+            "priority": args.priority,
+            "thread_id": args.thread,
+            "reply_to": args.reply_to,
+            "task_id": args.task,
+        }
+        result = await commands.call(nc, "send", body)
+        print(f"{result['message_id']} in thread {result['thread_id']}")
+        return EXIT_OK
+
+    return _with_nats(args, go)
+
+
+def cmd_inbox(args: argparse.Namespace) -> int:
+    async def go(nc: NATS) -> int:
+        ask = {"agent": args.agent, "unread": args.unread, **await _freshness(nc, True)}
+        result = await query_service.ask(nc, "inbox", ask)
+        messages = result["messages"]
+        if args.mark_read:
+            by_thread: dict[str, list[str]] = {}
+            for m in messages:
+                if not m["read"]:
+                    by_thread.setdefault(m["thread_id"], []).append(m["message_id"])
+            for thread_id, ids in by_thread.items():
+                await commands.call(
+                    nc,
+                    "mark_read",
+                    {"reader": args.agent, "thread_id": thread_id, "message_ids": ids},
+                )
+        if args.json:
+            _print_json(result)
+        else:
+            print(console.inbox(args.agent, result))
+        return EXIT_OK
+
+    return _with_nats(args, go)
+
+
+def cmd_thread(args: argparse.Namespace) -> int:
+    async def go(nc: NATS) -> int:
+        ask = {"thread_id": args.thread_id, **await _freshness(nc, True)}
+        messages = await query_service.ask(nc, "thread", ask)
+        if args.json:
+            _print_json(messages)
+        else:
+            print(console.thread(messages))
+        return EXIT_OK
+
+    return _with_nats(args, go)
 
 
 def cmd_events(args: argparse.Namespace) -> int:

@@ -105,3 +105,31 @@ def audit(task_id: str, events: list[Event[Any]]) -> str:
             f"{text.summary(event)}".rstrip()
         )
     return "\n".join(lines)
+
+
+def _message_line(m: dict[str, Any]) -> str:
+    about = f" [{m['task_id']}]" if m["task_id"] else ""
+    reply = f" ↪ {m['reply_to']}" if m["reply_to"] else ""
+    return (
+        f"{_when(m['sent_at'])}  {m['type']:15} {m['sender']} → {m['recipient']}{about}{reply}\n"
+        f"    {m['body']}\n    ({m['message_id']} in {m['thread_id']})"
+    )
+
+
+def inbox(agent: str, result: dict[str, Any]) -> str:
+    messages = result["messages"]
+    if not messages:
+        return f"No messages for {agent}."
+    lines = [f"{agent}: {result['unread']} unread"]
+    for m in messages:
+        mark = "  " if m["read"] else "• "
+        lines.append(mark + _message_line(m))
+    return "\n".join(lines)
+
+
+def thread(messages: list[dict[str, Any]]) -> str:
+    lines = []
+    for m in messages:
+        readers = ", ".join(m["read_by"]) or "nobody yet"
+        lines.append(_message_line(m) + f"\n    read by {readers}")
+    return "\n".join(lines)

@@ -255,3 +255,36 @@ def test_status_history_and_audit_show_a_finished_build(tmp_path: Path) -> None:
     )
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "Rebuilt the read models" in rebuilt.stdout
+
+
+def test_send_inbox_and_thread_from_the_command_line(tmp_path: Path) -> None:
+    """`send` a question, read it with `inbox --unread --mark-read`, answer it, see the thread."""
+    running = Up(tmp_path / "data", "--roles", "projector,commands")
+    running.wait_ready()
+    try:
+        sent = running.cli(
+            "send", "--from", "openclaw", "--to", "claude", "--type", "question", "Ready?"
+        )
+        assert sent.returncode == 0, sent.stderr
+        message_id, _, _, thread_id = sent.stdout.split()
+        inbox = running.cli("inbox", "--agent", "claude", "--unread", "--mark-read")
+        assert inbox.returncode == 0, inbox.stderr
+        assert "claude: 1 unread" in inbox.stdout
+        assert "Ready?" in inbox.stdout
+        after = json.loads(running.cli("inbox", "--agent", "claude", "--unread", "--json").stdout)
+        assert after["messages"] == []
+        assert after["unread"] == 0
+        reply = running.cli(
+            "send", "--from", "claude", "--to", "openclaw", "--type", "status_response",
+            "--thread", thread_id, "--reply-to", message_id, "Yes.",
+        )  # fmt: skip
+        assert reply.returncode == 0, reply.stderr
+        shown = running.cli("thread", thread_id)
+        assert shown.returncode == 0
+        assert shown.stdout.index("Ready?") < shown.stdout.index("Yes.")
+        assert "read by claude" in shown.stdout
+        bad = running.cli("send", "--from", "a", "--to", "b", "--thread", "th-nope", "x")
+        assert bad.returncode == 1
+        assert "no thread th-nope" in bad.stderr
+    finally:
+        assert running.stop() == 0

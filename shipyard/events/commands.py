@@ -27,7 +27,7 @@ from shipyard.errors import (
     ConcurrencyConflict,
     ShipyardError,
 )
-from shipyard.events import dispatch
+from shipyard.events import comms, dispatch
 from shipyard.events.envelope import make, new_id, valid_id
 from shipyard.events.log import EventLog
 from shipyard.events.tasks import Task, TaskBook
@@ -204,6 +204,8 @@ class CommandService:
             "dispatch": self._dispatch,
             "cancel": self._cancel,
             "retry": self._retry,
+            "send": self._send,
+            "mark_read": self._mark_read,
         }
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -260,6 +262,13 @@ class CommandService:
         result = await self.commands.cancel(
             args["task_id"], reason=reason if isinstance(reason, str) else "", actor=actor
         )
+        return {"ok": True, "result": result}
+
+    async def _send(self, body: bytes, actor: str) -> dict[str, Any]:
+        return {"ok": True, "result": await comms.send(self.commands.events, body, actor=actor)}
+
+    async def _mark_read(self, body: bytes, actor: str) -> dict[str, Any]:
+        result = await comms.mark_read(self.commands.events, body, actor=actor)
         return {"ok": True, "result": result}
 
     async def _retry(self, body: bytes, actor: str) -> dict[str, Any]:

@@ -60,6 +60,11 @@ def summary(event: Event[Any]) -> str:
         return f"card {d.card_id}: {d.title}"
     if isinstance(d, t.CardMoved):
         return f"card {d.card_id} to {d.column}"
+    if isinstance(d, t.MessageSent):
+        about = f" about {d.task_id}" if d.task_id else ""
+        return f"{d.type} {d.sender} → {d.recipient}{about}: {d.body[:120]}"
+    if isinstance(d, t.MessageRead):
+        return f"{d.reader} read {d.message_id}"
     if isinstance(d, t.HandlerHeartbeat):
         return f"{d.host} pid {d.pid}, {len(d.runs)} run(s)"
     return ""

@@ -390,6 +390,40 @@ class TaskFinished(EventData, frozen=True, kw_only=True):
     run_id: str = ""
 
 
+# --- agent comms: messages in threads ----------------------------------------------------
+
+
+EVERYONE = "*"  # the recipient that means every agent
+
+
+@register
+class MessageSent(EventData, frozen=True, kw_only=True):
+    """One agent's message to another (or to everyone), in a thread."""
+
+    TYPE: ClassVar[str] = "message_sent"
+    AGGREGATE: ClassVar[str] = "thread"
+
+    message_id: str
+    sender: str
+    recipient: str
+    type: MessageType
+    body: str
+    priority: Priority = Priority.NORMAL
+    reply_to: str = ""
+    task_id: str = ""
+
+
+@register
+class MessageRead(EventData, frozen=True, kw_only=True):
+    """A recipient read a message (a read receipt)."""
+
+    TYPE: ClassVar[str] = "message_read"
+    AGGREGATE: ClassVar[str] = "thread"
+
+    message_id: str
+    reader: str
+
+
 # --- handlers ----------------------------------------------------------------------------
 
 

@@ -29,9 +29,14 @@ KEYS: dict[str, tuple[str, ...]] = {
     "handlers": ("handler_id",),
     "agents": ("name",),
     "rejections": ("rejection_id",),
+    "messages": ("message_id",),
+    "message_reads": ("message_id", "reader"),
+    "threads": ("thread_id",),
 }
 PHASES = list(t.Phase)
-QUIET = frozenset({"work_progress", "handler_heartbeat", "card_added", "card_moved"})
+QUIET = frozenset(
+    {"work_progress", "handler_heartbeat", "card_added", "card_moved", "message_read"}
+)
 TEXT_LIMIT = 2000  # characters of free text kept per activity line
 
 
@@ -81,6 +86,10 @@ class Batch:
         self._load("agents", "name", sorted(a for a in agents if a))
         handlers = [e.aggregate_id for e in events if isinstance(e.data, t.HandlerHeartbeat)]
         self._load("handlers", "handler_id", sorted(set(handlers)))
+        threads = {e.aggregate_id for e in events if isinstance(e.data, t.MessageSent)}
+        self._load("threads", "thread_id", sorted(threads))
+        read = {e.data.message_id for e in events if isinstance(e.data, t.MessageRead)}
+        self._load("message_reads", "message_id", sorted(read))  # the first receipt stands
 
     def get(self, table: str, *key: Any) -> Row | None:
         return self.rows[table].get(key)
@@ -461,6 +470,46 @@ def _rejected(b: Batch, e: Event[Any], d: t.DispatchRejected, at: datetime) -> N
     )
 
 
+def _message(b: Batch, e: Event[Any], d: t.MessageSent, at: datetime) -> None:
+    b.put(
+        "messages",
+        {
+            "message_id": d.message_id,
+            "thread_id": e.aggregate_id,
+            "reply_to": d.reply_to,
+            "sender": d.sender,
+            "recipient": d.recipient,
+            "type": d.type.value,
+            "body": d.body,
+            "priority": d.priority.value,
+            "task_id": d.task_id,
+            "sent_at": at,
+            "seq": e.seq,
+        },
+    )
+    thread = b.get("threads", e.aggregate_id) or b.put(
+        "threads",
+        {
+            "thread_id": e.aggregate_id,
+            "started_by": d.sender,
+            "first_body": d.body[:TEXT_LIMIT],
+            "task_id": d.task_id,
+            "participants": [],
+            "messages": 0,
+            "started_at": at,
+            "last_at": at,
+        },
+    )
+    thread["participants"] = sorted({*thread["participants"], d.sender, d.recipient})
+    thread["messages"] += 1
+    thread["last_at"] = at
+
+
+def _message_read(b: Batch, e: Event[Any], d: t.MessageRead, at: datetime) -> None:
+    if b.get("message_reads", d.message_id, d.reader) is None:
+        b.put("message_reads", {"message_id": d.message_id, "reader": d.reader, "read_at": at})
+
+
 _APPLY: dict[type, Any] = {
     t.TaskDispatched: _dispatched,
     t.TaskClaimed: _claimed,
@@ -479,4 +528,6 @@ _APPLY: dict[type, Any] = {
     t.TaskCancelRequested: _cancel,
     t.HandlerHeartbeat: _heartbeat,
     t.DispatchRejected: _rejected,
+    t.MessageSent: _message,
+    t.MessageRead: _message_read,
 }

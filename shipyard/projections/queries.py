@@ -199,6 +199,45 @@ class Summary(msgspec.Struct, frozen=True):
     live: list[LiveRun]
 
 
+class Message(msgspec.Struct, frozen=True):
+    message_id: str
+    thread_id: str
+    reply_to: str
+    sender: str
+    recipient: str
+    type: str
+    body: str
+    priority: str
+    task_id: str
+    sent_at: datetime
+    read: bool = False
+
+
+class ThreadMessage(msgspec.Struct, frozen=True):
+    message_id: str
+    thread_id: str
+    reply_to: str
+    sender: str
+    recipient: str
+    type: str
+    body: str
+    priority: str
+    task_id: str
+    sent_at: datetime
+    read_by: list[str]
+
+
+class ThreadRow(msgspec.Struct, frozen=True):
+    thread_id: str
+    started_by: str
+    first_body: str
+    task_id: str
+    participants: list[str]
+    messages: int
+    started_at: datetime
+    last_at: datetime
+
+
 KANBAN_COLUMNS = ("queued", "blocked", "in_progress", "validating", "done", "failed")
 
 
@@ -308,3 +347,25 @@ def summary(con: duckdb.DuckDBPyConnection) -> Summary:
         stale_runs=stale,
         live=live_runs(con),
     )
+
+
+def inbox(
+    con: duckdb.DuckDBPyConnection, agent: str, *, unread: bool = False, limit: int = 200
+) -> list[Message]:
+    """Messages to ``agent`` (or to everyone, from others), oldest first."""
+    params = {"agent": agent, "unread": unread, "limit": max(1, min(limit, 1000))}
+    return _rows(con, "inbox", params, Message)
+
+
+def unread_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    return {a: int(n) for a, n in con.execute(sql.query("unread_counts")).fetchall()}
+
+
+def thread(con: duckdb.DuckDBPyConnection, thread_id: str) -> list[ThreadMessage]:
+    return _rows(con, "thread", {"thread_id": thread_id}, ThreadMessage)
+
+
+def threads(
+    con: duckdb.DuckDBPyConnection, *, agent: str = "", limit: int = 100
+) -> list[ThreadRow]:
+    return _rows(con, "threads", {"agent": agent, "limit": max(1, min(limit, 1000))}, ThreadRow)

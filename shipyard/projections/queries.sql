@@ -121,3 +121,41 @@ SELECT state, count(*) FROM tasks GROUP BY state;
 
 -- name: runs_by_state
 SELECT state, count(*), count(*) FILTER (WHERE stale) FROM runs GROUP BY state;
+
+-- name: inbox
+SELECT m.message_id, m.thread_id, m.reply_to, m.sender, m.recipient, m.type, m.body,
+       m.priority, m.task_id, m.sent_at,
+       EXISTS (SELECT 1 FROM message_reads r
+               WHERE r.message_id = m.message_id AND r.reader = $agent) AS read
+FROM messages m
+WHERE (m.recipient = $agent OR (m.recipient = '*' AND m.sender <> $agent))
+  AND (NOT $unread OR NOT EXISTS (SELECT 1 FROM message_reads r
+                                  WHERE r.message_id = m.message_id AND r.reader = $agent))
+ORDER BY m.seq
+LIMIT $limit;
+
+-- name: unread_counts
+SELECT a.agent, count(*) AS unread
+FROM (SELECT DISTINCT recipient AS agent FROM messages WHERE recipient <> '*'
+      UNION SELECT DISTINCT sender FROM messages) a
+JOIN messages m ON (m.recipient = a.agent OR (m.recipient = '*' AND m.sender <> a.agent))
+WHERE NOT EXISTS (SELECT 1 FROM message_reads r
+                  WHERE r.message_id = m.message_id AND r.reader = a.agent)
+GROUP BY a.agent
+ORDER BY a.agent;
+
+-- name: thread
+SELECT m.message_id, m.thread_id, m.reply_to, m.sender, m.recipient, m.type, m.body,
+       m.priority, m.task_id, m.sent_at,
+       coalesce(list(r.reader ORDER BY r.reader) FILTER (WHERE r.reader IS NOT NULL), [])
+FROM messages m LEFT JOIN message_reads r ON r.message_id = m.message_id
+WHERE m.thread_id = $thread_id
+GROUP BY ALL
+ORDER BY m.sent_at, m.message_id;
+
+-- name: threads
+SELECT thread_id, started_by, first_body, task_id, participants, messages, started_at, last_at
+FROM threads
+WHERE ($agent = '' OR list_contains(participants, $agent) OR list_contains(participants, '*'))
+ORDER BY last_at DESC
+LIMIT $limit;

@@ -159,3 +159,36 @@ CREATE TABLE IF NOT EXISTS rejections (
     problems    VARCHAR[] NOT NULL,
     at_time     TIMESTAMP NOT NULL
 );
+
+-- Agent comms: messages in threads, and who has read what.
+CREATE TABLE IF NOT EXISTS messages (
+    message_id  VARCHAR PRIMARY KEY,
+    thread_id   VARCHAR NOT NULL,
+    reply_to    VARCHAR NOT NULL,
+    sender      VARCHAR NOT NULL,
+    recipient   VARCHAR NOT NULL,          -- an agent, or '*' for everyone
+    type        VARCHAR NOT NULL,
+    body        VARCHAR NOT NULL,
+    priority    VARCHAR NOT NULL,
+    task_id     VARCHAR NOT NULL,
+    sent_at     TIMESTAMP NOT NULL,
+    seq         BIGINT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS message_reads (
+    message_id  VARCHAR NOT NULL,
+    reader      VARCHAR NOT NULL,
+    read_at     TIMESTAMP NOT NULL,
+    PRIMARY KEY (message_id, reader)
+);
+
+CREATE TABLE IF NOT EXISTS threads (
+    thread_id   VARCHAR PRIMARY KEY,
+    started_by  VARCHAR NOT NULL,
+    first_body  VARCHAR NOT NULL,
+    task_id     VARCHAR NOT NULL,
+    participants VARCHAR[] NOT NULL,
+    messages    BIGINT NOT NULL,
+    started_at  TIMESTAMP NOT NULL,
+    last_at     TIMESTAMP NOT NULL
+);

@@ -60,6 +60,9 @@ class QueryService:
             "activity": self._activity,
             "kanban": self._kanban,
             "digests": self._digests,
+            "inbox": self._inbox,
+            "thread": self._thread,
+            "threads": self._threads,
         }
 
     async def start(self) -> None:
@@ -169,6 +172,26 @@ class QueryService:
 
     async def _kanban(self, args: dict[str, Any]) -> Any:
         return await self._db(queries.kanban)
+
+    async def _inbox(self, args: dict[str, Any]) -> dict[str, Any]:
+        agent = _str(args, "agent")
+        if not agent:
+            raise CommandRejected("agent: say whose inbox", code="invalid")
+        unread = args.get("unread", False)
+        messages = await self._db(
+            queries.inbox, agent, unread=unread is True, limit=_int(args, "limit", 200)
+        )
+        counts = await self._db(queries.unread_counts)
+        return {"agent": agent, "unread": counts.get(agent, 0), "messages": messages}
+
+    async def _thread(self, args: dict[str, Any]) -> Any:
+        found = await self._db(queries.thread, _str(args, "thread_id"))
+        if not found:
+            raise CommandRejected(f"no thread {args.get('thread_id')}", code="not_found")
+        return found
+
+    async def _threads(self, args: dict[str, Any]) -> Any:
+        return await self._db(queries.threads, agent=_str(args, "agent"))
 
     async def _digests(self, args: dict[str, Any]) -> dict[str, Any]:
         def both() -> tuple[int, dict[str, str]]:
