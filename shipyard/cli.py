@@ -21,6 +21,7 @@ from shipyard.events import commands, text
 from shipyard.events.dispatch import MAX_DISPATCH_BYTES
 from shipyard.events.envelope import aggregate_subject, valid_id
 from shipyard.events.log import ALL_EVENTS, EventLog, connect
+from shipyard.gateway.auth import TokenStore
 from shipyard.projections import replay
 from shipyard.projections import service as query_service
 from shipyard.settings import Settings
@@ -220,6 +221,27 @@ def build_parser() -> argparse.ArgumentParser:
     thread.add_argument("--json", action="store_true", help="print JSON")
     thread.set_defaults(func=cmd_thread)
 
+    token = sub.add_parser(
+        "token",
+        help="make API tokens",
+        description="Make a bearer token for the HTTP API and dashboard, with a role.",
+    )
+    token_sub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    create = token_sub.add_parser(
+        "create",
+        help="make a token and print it",
+        description=(
+            "Print a new token. Roles: admin (everything), dispatcher (dispatch, cancel, retry, "
+            "messages), builder (its own messages), viewer (read only)."
+        ),
+    )
+    _common(create)
+    create.add_argument(
+        "--role", required=True, choices=["admin", "dispatcher", "builder", "viewer"]
+    )
+    create.add_argument("--name", default="", help="who it is for (a builder: its agent name)")
+    create.set_defaults(func=cmd_token_create)
+
     events = sub.add_parser(
         "events",
         help="print the event log as an audit trail",
@@ -276,6 +298,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"Shipyard {__version__} is up ({', '.join(info['roles'])})", flush=True)
         print(f"  {where}: {', '.join(info['nats_url'])}", flush=True)
         print(f"  data:      {cfg.data_dir}", flush=True)
+        if info.get("dashboard"):
+            print(f"  dashboard: {info['dashboard']}", flush=True)
         print("  dispatch:  shipyard dispatch task.json   (Ctrl-C stops)", flush=True)
 
     asyncio.run(runtime.run(cfg, roles, on_ready=ready))
@@ -328,6 +352,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _with_nats(args, send)
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    cfg = _settings(args)
+    token = TokenStore(cfg.data_dir).create(args.role, args.name or args.role)
+    print(token)
+    return EXIT_OK
 
 
 def cmd_send(args: argparse.Namespace) -> int:

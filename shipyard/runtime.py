@@ -22,6 +22,7 @@ from shipyard.errors import ConfigError
 from shipyard.events.commands import Commands, CommandService
 from shipyard.events.envelope import short_id, valid_id
 from shipyard.events.log import EventLog, connect
+from shipyard.gateway.server import GatewayService
 from shipyard.handler.service import Handler
 from shipyard.projections.projector import DB_FILE, Projector, ReadModels
 from shipyard.projections.service import QueryService
@@ -29,12 +30,17 @@ from shipyard.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ROLES = ("projector", "commands", "handler")  # every role this release can run
+ROLES = ("projector", "commands", "handler", "gateway")  # every role this release can run
 DEFAULT_ROLES = ROLES
 
 
 async def _start_roles(
-    settings: Settings, roles: tuple[str, ...], nc: Any, events: EventLog, services: list[Any]
+    settings: Settings,
+    roles: tuple[str, ...],
+    nc: Any,
+    events: EventLog,
+    services: list[Any],
+    info: dict[str, Any],
 ) -> None:
     """Start each role, appending what must be stopped to ``services`` as it goes."""
     if "projector" in roles:
@@ -55,6 +61,15 @@ async def _start_roles(
         handler = Handler(events, settings, handler_id=stable_handler_id(settings))
         await handler.start()
         services.append(handler)
+    if "gateway" in roles:
+        found = next((s for s in services if isinstance(s, Projector)), None)
+        if found is None:
+            raise ConfigError("the gateway role needs the projector role in the same process")
+        gateway = GatewayService(settings, events, found)
+        await gateway.start()
+        services.append(gateway)
+        info["dashboard"] = gateway.login_url
+        info["gateway_url"] = gateway.url
 
 
 class _Closing:
@@ -128,9 +143,7 @@ async def run(
             await events.ensure_stream(replicas=settings.stream_replicas)
             services: list[Any] = []
             try:
-                await _start_roles(settings, roles, nc, events, services)
-                await nc.flush()
-                info = {
+                info: dict[str, Any] = {
                     "pid": os.getpid(),
                     "version": __version__,
                     "nats_url": urls,
@@ -138,6 +151,8 @@ async def run(
                     "roles": list(roles),
                     "started": datetime.now(UTC).isoformat(),
                 }
+                await _start_roles(settings, roles, nc, events, services, info)
+                await nc.flush()
                 instance.write_info(settings.data_dir, info)
                 if on_ready:
                     on_ready(info)

@@ -88,6 +88,20 @@ class HandlerSettings(BaseModel):
         return value
 
 
+class GatewaySettings(BaseModel):
+    """``[gateway]`` in shipyard.toml: the HTTP API, the live event stream and the dashboard."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="loopback unless told otherwise")
+    port: int = Field(default=7780, ge=0, le=65535, description="0: any free port")
+    public_url: str = Field(default="", description="how links in alerts reach the dashboard")
+    sse_ping: float = Field(default=15.0, gt=0, description="seconds between keep-alive pings")
+    sse_send_timeout: float = Field(
+        default=10.0, gt=0, description="a client that cannot take an event this long is dropped"
+    )
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -100,6 +114,7 @@ class Settings(BaseModel):
     nats_password: str = ""
     stream_replicas: int = Field(default=1, ge=1, le=5)
     handler: HandlerSettings = Field(default_factory=HandlerSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     agents: dict[str, AgentSettings] = Field(default_factory=default_agents)
 
     @field_validator("nats_url", mode="before")
@@ -169,6 +184,12 @@ def load(
         handler_env["workdir_roots"] = env[ENV_PREFIX + "WORKDIR_ROOTS"].split(os.pathsep)
     if handler_env:
         values["handler"] = {**values.get("handler", {}), **handler_env}
+    gateway_env: dict[str, Any] = {}
+    for name, field in (("HOST", "host"), ("PORT", "port"), ("PUBLIC_URL", "public_url")):
+        if env.get(ENV_PREFIX + name):
+            gateway_env[field] = env[ENV_PREFIX + name]
+    if gateway_env:
+        values["gateway"] = {**values.get("gateway", {}), **gateway_env}
     values.update(flags)
     values["data_dir"] = Path(values.get("data_dir", data_dir)).expanduser()
     try:

@@ -44,7 +44,7 @@ class Up:
 
     def __init__(self, data_dir: Path, *args: str) -> None:
         self.data_dir = data_dir
-        self.env = {**os.environ, "SHIPYARD_DATA_DIR": str(data_dir)}
+        self.env = {**os.environ, "SHIPYARD_DATA_DIR": str(data_dir), "SHIPYARD_PORT": "0"}
         self.env.pop("SHIPYARD_NATS_URL", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shipyard.cli", "up", *args],
@@ -66,7 +66,7 @@ class Up:
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise AssertionError(f"shipyard up did not start: {line!r} {err}")
         self.banner.append(line)
-        for _ in range(3):
+        while not self.banner[-1].lstrip().startswith("dispatch:"):
             self.banner.append(self.proc.stdout.readline())
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

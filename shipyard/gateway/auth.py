@@ -1,0 +1,106 @@
+"""Bearer tokens mapped to roles, for the HTTP API and the dashboard.
+
+Tokens live hashed in ``<data dir>/tokens.json`` (readable only by its owner); the admin
+token is generated at the first ``shipyard up`` (or taken from ``SHIPYARD_ADMIN_TOKEN``) and
+kept in ``<data dir>/admin.token``. ``shipyard token create --role viewer`` makes others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from shipyard.errors import ConfigError
+
+Role = Literal["admin", "dispatcher", "builder", "viewer"]
+ROLES: tuple[Role, ...] = ("admin", "dispatcher", "builder", "viewer")
+TOKENS_FILE = "tokens.json"
+ADMIN_FILE = "admin.token"
+COOKIE = "shipyard_token"
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: Role
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class TokenStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / TOKENS_FILE
+        self._mtime = -1.0
+        self._entries: dict[str, dict[str, str]] = {}
+
+    def _load(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            self._entries, self._mtime = {}, -1.0
+            return
+        if mtime != self._mtime:
+            self._entries = json.loads(self.path.read_text() or "{}")
+            self._mtime = mtime
+
+    def create(self, role: Role, name: str, token: str | None = None) -> str:
+        if role not in ROLES:
+            raise ConfigError(f"unknown role {role!r}: choose from {', '.join(ROLES)}")
+        self._load()
+        token = token or "sy_" + secrets.token_urlsafe(24)
+        self._entries[_digest(token)] = {
+            "role": role,
+            "name": name,
+            "created": datetime.now(UTC).isoformat(),
+        }
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _write_private(self.path, json.dumps(self._entries, indent=2))
+        self._mtime = -1.0
+        return token
+
+    def check(self, token: str) -> Principal | None:
+        """The principal for ``token``, compared in constant time; None if unknown."""
+        if not token:
+            return None
+        self._load()
+        wanted = _digest(token)
+        found = None
+        for digest, entry in self._entries.items():
+            if hmac.compare_digest(digest, wanted):
+                found = Principal(entry["name"], entry["role"])  # type: ignore[arg-type]
+        return found
+
+    def admin_token(self, env_token: str = "") -> str:
+        """The admin token: from the environment, else the one kept in the data dir, else new."""
+        path = self.data_dir / ADMIN_FILE
+        if env_token:
+            if self.check(env_token) is None:
+                self.create("admin", "admin (from SHIPYARD_ADMIN_TOKEN)", env_token)
+            return env_token
+        try:
+            token = path.read_text().strip()
+        except FileNotFoundError:
+            token = ""
+        if token and self.check(token) is not None:
+            return token
+        token = self.create("admin", "admin")
+        _write_private(path, token + "\n")
+        return token
