@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 
-from shipyard import __version__, console, instance, runtime
+from shipyard import __version__, console, demo, instance, runtime
 from shipyard import settings as settings_mod
 from shipyard.errors import CommandRejected, NotRunning, ShipyardError
 from shipyard.events import commands, text
@@ -221,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     thread.add_argument("--json", action="store_true", help="print JSON")
     thread.set_defaults(func=cmd_thread)
 
+    demo_cmd = sub.add_parser(
+        "demo",
+        help="watch Shipyard build sample tasks, no API key needed",
+        description=(
+            "Dispatch sample tasks to the built-in demo builder — a sequential pair, a parallel "
+            "group, one that heals and one that fails — and print the dashboard link. Uses the "
+            "running Shipyard, or starts one (Ctrl-C stops it)."
+        ),
+    )
+    _common(demo_cmd)
+    demo_cmd.set_defaults(func=cmd_demo)
+
     token = sub.add_parser(
         "token",
         help="make API tokens",
@@ -352,6 +364,47 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _with_nats(args, send)
+
+
+async def _dispatch_demo(nc: NATS, root: Path) -> list[str]:
+    ids: dict[str, str] = {}
+    for item in demo.tasks(root):
+        body = dict(item["body"])
+        if "after" in body:
+            body["after"] = [ids[key] for key in body["after"]]
+        result = await commands.call(nc, "dispatch", body, actor="demo")
+        ids[item["key"]] = result["task_id"]
+        print(f"  dispatched {result['task_id']}  {body['action_name']}", flush=True)
+    return list(ids.values())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = _settings(args)
+    root = cfg.data_dir / "demo"
+    running = instance.read_info(cfg.data_dir)
+    if running is not None or cfg.nats_url:
+
+        async def send(nc: NATS) -> int:
+            print("Dispatching the demo tasks to the running Shipyard:")
+            await _dispatch_demo(nc, root)
+            if running and running.get("dashboard"):
+                print(f"Watch them: {running['dashboard']}")
+            return EXIT_OK
+
+        return _with_nats(args, send)
+
+    def ready(info: dict[str, Any]) -> None:
+        print(f"Shipyard {__version__} is up for the demo.", flush=True)
+        if info.get("dashboard"):
+            print(f"  Open the dashboard: {info['dashboard']}", flush=True)
+
+    async def then(nc: NATS) -> None:
+        await _dispatch_demo(nc, root)
+        print("Watch all eight phases on the dashboard. Ctrl-C stops Shipyard.", flush=True)
+
+    asyncio.run(runtime.run(cfg, runtime.DEFAULT_ROLES, on_ready=ready, then=then))
+    print("Shipyard stopped.", flush=True)
+    return EXIT_OK
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import os
 import re
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -115,6 +115,7 @@ async def run(
     *,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[dict[str, Any]], None] | None = None,
+    then: Callable[[Any], Awaitable[None]] | None = None,
 ) -> None:
     """Run until ``stop`` is set, or until SIGINT / SIGTERM."""
     stop = stop or asyncio.Event()
@@ -156,6 +157,8 @@ async def run(
                 instance.write_info(settings.data_dir, info)
                 if on_ready:
                     on_ready(info)
+                if then is not None:
+                    await then(nc)
                 await stop.wait()
             finally:
                 for service in reversed(services):

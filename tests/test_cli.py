@@ -41,6 +41,10 @@ def test_every_subcommand_has_help(name: str) -> None:
     result = run_cli(name, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith(f"usage: shipyard {name}")
+    if name == "token":
+        result = run_cli(name, "create", "--help")
+        assert result.returncode == 0
+        assert "--role" in result.stdout
     assert "--data-dir" in result.stdout
 
 
@@ -288,3 +292,15 @@ def test_send_inbox_and_thread_from_the_command_line(tmp_path: Path) -> None:
         assert "no thread th-nope" in bad.stderr
     finally:
         assert running.stop() == 0
+
+
+def test_token_create_makes_a_working_token(tmp_path: Path) -> None:
+    """`token create --role viewer` prints a token the gateway then accepts as a viewer."""
+    from shipyard.gateway.auth import TokenStore
+
+    result = run_cli("token", "create", "--role", "viewer", "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    principal = TokenStore(tmp_path).check(result.stdout.strip())
+    assert principal is not None
+    assert principal.role == "viewer"
+    assert oct((tmp_path / "tokens.json").stat().st_mode & 0o777) == "0o600"

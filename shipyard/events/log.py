@@ -222,6 +222,16 @@ class EventLog:
             return 0
         return int(msg.seq or 0)
 
+    async def subject_last_seq(self, subject: str) -> int:
+        """The sequence of the last event on ``subject`` (wildcards allowed), 0 if none."""
+        if subject == ALL_EVENTS:
+            return await self.stream_last_seq()
+        try:
+            msg = await self.js.get_last_msg(self.stream, subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
     async def stream_last_seq(self) -> int:
         try:
             info = await self.js.stream_info(self.stream)
@@ -244,9 +254,9 @@ class EventLog:
     async def read(
         self, *, subject: str = ALL_EVENTS, start: int = 1, stop: int | None = None
     ) -> AsyncIterator[Event[Any]]:
-        """Events from ``start`` up to ``stop`` (default: the stream's end now)."""
+        """Events from ``start`` up to ``stop`` (default: the last one on ``subject`` now)."""
         if stop is None:
-            stop = await self.stream_last_seq()
+            stop = await self.subject_last_seq(subject)
         if stop < start:
             return
         async for event in self.follow(subject=subject, start=start):

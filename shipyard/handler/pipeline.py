@@ -250,7 +250,8 @@ class Run:
     async def _context(self) -> None:
         await self._phase(P.CONTEXT, t.PhaseStatus.STARTED, "gathering context")
         try:
-            self.workdir = workspace.confine(self.spec.working_dir, self.hs.workdir_roots)
+            roots = [*self.hs.workdir_roots, self.settings.data_dir / "demo"]
+            self.workdir = workspace.confine(self.spec.working_dir, roots)
             self.workdir.mkdir(parents=True, exist_ok=True)
         except (ShipyardError, OSError) as e:
             reason = e.message if isinstance(e, ShipyardError) else str(e)

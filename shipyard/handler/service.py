@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from shipyard import demo
 from shipyard.errors import ConcurrencyConflict, ShipyardError
 from shipyard.events import types as t
 from shipyard.events.envelope import Event, make, short_id, utcnow
@@ -47,8 +48,10 @@ class Handler:
         self.id = handler_id or f"{host}-{os.getpid()}-{short_id('')[-4:]}"
         self.actor = f"handler:{self.id}"
         self.book = TaskBook()
+        # The built-in demo agent is always there (a configured one of that name wins).
+        agents = {demo.AGENT: demo.agent_settings(), **settings.agents}
         self.runners: dict[str, Runner] = {
-            name: make_runner(name, agent) for name, agent in settings.agents.items()
+            name: make_runner(name, agent) for name, agent in agents.items()
         }
         self.runs: dict[str, Run] = {}  # task id -> our active run
         self._run_tasks: set[asyncio.Task[None]] = set()

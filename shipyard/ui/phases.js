@@ -86,12 +86,13 @@ export function phaseDots(statuses, { labels = false, size = "md" } = {}) {
   return list;
 }
 
-/** Update dots in place, so a pulsing dot keeps its animation between updates. */
+/** Update dots in place, so a pulsing dot keeps its animation; returns the list. */
 export function updateDots(list, statuses) {
   const items = list.querySelectorAll(".dot");
   if (items.length !== PHASES.length) {
-    list.replaceWith(phaseDots(statuses, { labels: list.classList.contains("dots-labelled") }));
-    return;
+    const fresh = phaseDots(statuses, { labels: list.classList.contains("dots-labelled") });
+    list.replaceWith(fresh);
+    return fresh;
   }
   items.forEach((item, i) => {
     const status = statuses[i] || "pending";
@@ -102,4 +103,5 @@ export function updateDots(list, statuses) {
     const hidden = item.querySelector(".visually-hidden");
     if (hidden) hidden.textContent = item.querySelector(".dot-label") ? `: ${STATUS_WORDS[status]}` : `${p.label}: ${STATUS_WORDS[status]}`;
   });
+  return list;
 }
