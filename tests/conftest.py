@@ -42,9 +42,10 @@ async def event_log(nc: NATS) -> EventLog:
 class Up:
     """A `shipyard up` process, started as a user would."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.env = {**os.environ, "SHIPYARD_DATA_DIR": str(data_dir), "SHIPYARD_PORT": "0"}
+        self.env.update(env or {})
         self.env.pop("SHIPYARD_NATS_URL", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shipyard.cli", "up", *args],

@@ -1,0 +1,187 @@
+"""The Command Center in real headless Chromium (Debian's, driven by Playwright), against a
+real `shipyard up` with the demo builder: what an operator sees, updating live."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Up
+from tests.handlers import SCRIPTED
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SHOTS = os.environ.get("SHIPYARD_SCREENSHOTS", "")  # a folder: save the README's screenshots
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    if os.environ.get("SHIPYARD_REQUIRE_BROWSER") == "1":
+        pytest.fail("Chromium is required here (SHIPYARD_REQUIRE_BROWSER=1) but is not installed")
+    pytest.skip("Chromium is not installed (apt-get install chromium)")
+
+
+TOML = """
+[handler]
+default_agent = "demo"
+workdir_roots = [{root}]
+heartbeat_interval = 0.5
+stale_after = 2.0
+failed_after = 60.0
+max_attempts = 1
+
+[agents.silent]
+kind = "command"
+command = [{python}, {script}, "{{phase}}", "silent"]
+env = {{ SHIPYARD_TEST_LAUNCHES = {launches} }}
+"""
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Up]:
+    """`shipyard up` with the demo builder (slowed so the phases can be watched)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "work").mkdir()
+    q = json.dumps
+    (data / "shipyard.toml").write_text(
+        TOML.format(
+            root=q(str(tmp_path / "work")),
+            python=q(sys.executable),
+            script=q(SCRIPTED),
+            launches=q(str(tmp_path / "launches.txt")),
+        )
+    )
+    running = Up(data, env={"SHIPYARD_DEMO_STEP": "0.5"})
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+def dashboard_link(up: Up) -> str:
+    line = next(x for x in up.banner if "dashboard:" in x)
+    return line.split("dashboard:", 1)[1].strip()
+
+
+@pytest.fixture
+async def page(stack: Up) -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        context = await browser.new_context(viewport={"width": 1280, "height": 900})
+        tab = await context.new_page()
+        errors: list[str] = []
+        tab.on("pageerror", lambda e: errors.append(str(e)))
+        await tab.goto(dashboard_link(stack))
+        yield tab
+        assert errors == [], f"the page threw: {errors}"
+        await browser.close()
+
+
+def demo_body(tmp: Path, name: str, agent: str = "demo", mode: str = "ok") -> str:
+    work = tmp / "work" / name
+    prompt = (
+        f"## Task\nBuild {name}\n\n## Requirements\n- Write {name}.txt\n- Document it\n\n"
+        f"## Environment\n- Working directory: {work}\n- Demo mode: {mode}\n"
+        f"- Test: test -f {name}.txt\n\n## Deliverables\n1. {name}.txt\n2. README.md\n"
+    )
+    return json.dumps(
+        {
+            "request_type": "queue",
+            "action": "create",
+            "task_type": "build",
+            "action_name": f"Build {name}",
+            "priority": "normal",
+            "agent": agent,
+            "payload": {"prompt": prompt, "dispatcher": "tests", "task_title": f"Build {name}"},
+        }
+    )
+
+
+async def shot(page: Any, name: str) -> None:
+    if SHOTS:
+        os.makedirs(SHOTS, exist_ok=True)
+        await page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=False)
+
+
+async def test_a_build_animates_live_and_lands_in_history(
+    page: Any, stack: Up, tmp_path: Path
+) -> None:
+    """Idle at first; a dispatched build appears, its phase dots light up in order, the bar
+    fills, and the finished run lands in Build History without a reload; its breakdown
+    shows all eight phases."""
+    await page.wait_for_selector("[data-testid=connection][data-state=live]")
+    await page.wait_for_selector("[data-testid=idle]")
+    await shot(page, "command-center-idle")
+
+    task_id = stack.cli("dispatch", "-", stdin=demo_body(tmp_path, "alpha")).stdout.strip()
+    card = page.locator("[data-testid=live-run]")
+    await card.wait_for()
+    done = "[data-testid=phase-dot][data-phase={}][data-status=done]"
+    for phase in ("context", "plan", "task_board"):
+        await page.wait_for_selector(done.format(phase), timeout=20_000)
+    await page.wait_for_selector(
+        "[data-testid=phase-dot][data-phase=build][data-status=current]", timeout=20_000
+    )
+    progress = await page.locator("[data-testid=progress]").first.get_attribute("aria-valuenow")
+    assert progress is not None
+    assert 0 < int(float(progress)) < 100
+    await shot(page, "command-center-building")
+
+    row = page.locator(f"[data-testid=history-row][data-task-id={task_id}]")
+    if not await row.count():
+        row = page.locator("[data-testid=history-row]").first
+    await row.wait_for(timeout=30_000)
+    await page.wait_for_selector("[data-testid=idle]", timeout=20_000)
+    assert "Build alpha" in await page.locator("[data-testid=history-row]").first.inner_text()
+    await shot(page, "command-center-after")
+
+    await page.locator("[data-testid=history-row]").first.click()
+    await page.wait_for_selector("[data-testid=breakdown]")
+    phases = page.locator("[data-testid=breakdown-phase]")
+    assert await phases.count() == 8
+    assert await page.locator("[data-testid=activity-row]").count() > 0
+
+
+async def test_a_silent_build_shows_a_stale_badge(page: Any, stack: Up, tmp_path: Path) -> None:
+    """When a run's heartbeats stop, its card gets the STALE badge live."""
+    await page.wait_for_selector("[data-testid=connection][data-state=live]")
+    stack.cli("dispatch", "-", stdin=demo_body(tmp_path, "quiet", agent="silent"))
+    await page.wait_for_selector("[data-testid=live-run]")
+    badge = page.locator("[data-testid=stale-badge]")
+    await badge.wait_for(timeout=20_000)
+    assert "STALE" in (await badge.inner_text()).upper()
+
+
+async def test_the_dispatch_form_shows_every_problem(page: Any) -> None:
+    """A dispatch the protocol refuses shows each problem inline in the form."""
+    await page.goto(page.url.split("#")[0] + "#/dispatch")
+    form = page.locator("[data-testid=dispatch-form]")
+    await form.wait_for()
+    await form.locator("#df-title").fill("Half a dispatch")
+    prompt = form.locator("textarea").first
+    await prompt.fill("## Task\nOnly a task section")
+    await form.locator("button[type=submit]").click()
+    problems = page.locator("[data-testid=dispatch-problems]")
+    await problems.wait_for()
+    text = await problems.inner_text()
+    assert "## Requirements" in text
+    assert "## Deliverables" in text
