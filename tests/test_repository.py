@@ -23,7 +23,7 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one() -> None:
     commands = quick_start()
     assert len(commands) == 2
     run, test = commands
-    assert "shipyard up" in run
+    assert "shipyard demo" in run or "shipyard up" in run
     assert "pytest" in test
     assert test in (ROOT / ".ci" / "run").read_text().splitlines()
 
