@@ -156,8 +156,8 @@ async def test_a_build_animates_live_and_lands_in_history(
 
     await page.locator("[data-testid=history-row]").first.click()
     await page.wait_for_selector("[data-testid=breakdown]")
-    phases = page.locator("[data-testid=breakdown-phase]")
-    assert await phases.count() == 8
+    # The drawer fills in once the run's detail arrives; expect() waits for it.
+    await playwright_api.expect(page.locator("[data-testid=breakdown-phase]")).to_have_count(8)
     assert await page.locator("[data-testid=activity-row]").count() > 0
 
 
