@@ -173,6 +173,8 @@ async def meta(gw: Gateway, request: Request, who: Principal) -> Response:
             "kanban_columns": list(queries.KANBAN_COLUMNS),
             "priorities": [p.value for p in t.Priority],
             "message_types": [m.value for m in t.MessageType],
+            "event_types": t.REGISTRY.names(),
+            "outcomes": ["succeeded", "failed", "cancelled"],
             "template": dispatch.TEMPLATE,
             "rework_template": dispatch.REWORK_TEMPLATE,
             "you": {"name": who.name, "role": who.role},

@@ -78,6 +78,8 @@ async def stream(gw: Gateway, request: Request) -> EventSourceResponse:
     return EventSourceResponse(
         events(),
         ping=gw.settings.gateway.sse_ping,
+        # A named event, not a comment: EventSource can see it and notice a silent stream.
+        ping_message_factory=lambda: ServerSentEvent(event="ping", data=""),
         send_timeout=gw.settings.gateway.sse_send_timeout,
         shutdown_event=gw.shutdown,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},

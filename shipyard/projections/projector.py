@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 NAME = "readmodels"
 DB_FILE = "readmodels.duckdb"  # under the data dir
 MAX_BATCH = 5000  # events applied in one transaction
+REPLAY_BATCH = 25_000  # the same for build(): each batch costs a load and an upsert per table
 QUEUE_SIZE = 20_000  # decoded events waiting to be applied
 T = TypeVar("T")
 
@@ -217,7 +218,7 @@ async def build(events: EventLog, path: Path | str, *, stop: int | None = None) 
     if stop > 0:
         async for event in events.read(start=1, stop=stop):
             batch.append(event)
-            if len(batch) >= MAX_BATCH:
+            if len(batch) >= REPLAY_BATCH:
                 await models.run(models.apply_sync, batch)
                 batch = []
         if batch:

@@ -104,6 +104,8 @@ SELECT * EXCLUDE (task_position, step) FROM (
            c.priority_rank, '', '', '', c.updated_at, c.task_id,
            tc.position, 1
     FROM cards c JOIN task_cards tc ON tc.task_id = c.task_id AND tc.run_id = c.run_id
+    -- A task back in the queue for another attempt shows no steps of the old one.
+    WHERE tc.column_name NOT IN ('queued', 'blocked')
 )
 ORDER BY priority_rank, task_position, step, position;
 

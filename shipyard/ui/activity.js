@@ -8,6 +8,9 @@ import { openRun } from "./router.js";
 
 const PAGE = 60;
 const KEEP = 600; // rows kept on screen when new ones keep arriving
+const MODE_KEY = "shipyard.activity";
+// Steps inside a run; "Milestones" hides them unless something went wrong.
+const STEPS = new Set(["phase_changed", "builder_started", "plan_recorded", "validation_checked"]);
 
 // Colour by what happened. Finished and validation rows say in their text how it went.
 function tone(row) {
@@ -54,10 +57,23 @@ export function createActivity(root) {
   let error = null;
   let exhausted = false;
   let busy = false;
+  let mode = localStorage.getItem(MODE_KEY) === "milestones" ? "milestones" : "all";
   const list = h("ol", { class: "timeline", role: "list" });
   const older = h("button", { type: "button", class: "btn btn-quiet", hidden: true }, "Load older");
   older.addEventListener("click", loadOlder);
-  replace(root, list, h("div", { class: "list-footer" }, older));
+  const modeButton = (value, label) => {
+    const b = h("button", { type: "button", class: "segment", "aria-pressed": String(mode === value), "data-mode": value }, label);
+    b.addEventListener("click", () => {
+      mode = value;
+      localStorage.setItem(MODE_KEY, mode);
+      for (const x of modes.children) x.setAttribute("aria-pressed", String(x.dataset.mode === mode));
+      render(new Set());
+    });
+    return b;
+  };
+  const modes = h("div", { class: "segments", role: "group", "aria-label": "Which events" },
+    modeButton("all", "Everything"), modeButton("milestones", "Milestones"));
+  replace(root, h("div", { class: "toolbar" }, modes), list, h("div", { class: "list-footer" }, older));
 
   async function refresh() {
     if (busy) return;
@@ -128,7 +144,9 @@ export function createActivity(root) {
     }
     const items = [];
     let day = "";
-    for (const row of rows) {
+    const shown = mode === "all" ? rows : rows.filter((r) => !STEPS.has(r.kind) || tone(r) === "bad");
+    if (!shown.length) items.push(h("li", null, empty("No milestones among these events.", "Switch to Everything, or load older events.")));
+    for (const row of shown) {
       const label = dayLabel(row.at);
       if (label !== day) {
         day = label;

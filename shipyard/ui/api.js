@@ -12,10 +12,16 @@ export class ApiError extends Error {
 }
 
 const unauthorizedListeners = new Set();
+const offlineListeners = new Set();
 
 /** Call `fn` whenever a request comes back 401. */
 export function onUnauthorized(fn) {
   unauthorizedListeners.add(fn);
+}
+
+/** Call `fn` whenever a request cannot reach the server at all. */
+export function onOffline(fn) {
+  offlineListeners.add(fn);
 }
 
 function query(params) {
@@ -41,6 +47,7 @@ async function request(method, path, { params, body } = {}) {
   try {
     response = await fetch(path + query(params), init);
   } catch {
+    for (const fn of offlineListeners) fn();
     throw new ApiError(0);
   }
   if (response.status === 401) {

@@ -3,7 +3,7 @@
 // are re-read shortly after (debounced), and once more a little later to be sure.
 
 import { createActivity } from "./activity.js";
-import { ApiError, api, onUnauthorized } from "./api.js";
+import { ApiError, api, onOffline, onUnauthorized } from "./api.js";
 import { createBreakdown } from "./breakdown.js";
 import { createComms } from "./comms.js";
 import { createDispatch } from "./dispatch.js";
@@ -53,6 +53,7 @@ const state = {
   stream: null,
   dirty: new Set(),
   pending: new Set(),
+  seen: new Set(), // views whose panel has been read once
 };
 
 const live = createLive($("live-body"), $("live-meta"), announcer());
@@ -85,20 +86,29 @@ const VIEW_PANELS = { kanban: "kanban", comms: "comms" };
 
 let flushTimer = 0;
 let settleTimer = 0;
+const settling = new Set();
 
+// Timers are not pushed back by later events, so a steady stream of events cannot starve
+// the panels of refreshes.
 function invalidate(panels) {
-  for (const p of panels) state.pending.add(p);
-  clearTimeout(flushTimer);
-  flushTimer = setTimeout(flush, DEBOUNCE_MS);
-  clearTimeout(settleTimer);
-  const again = [...panels];
-  settleTimer = setTimeout(() => {
-    for (const p of again) state.pending.add(p);
-    flush();
-  }, SETTLE_MS);
+  for (const p of panels) {
+    state.pending.add(p);
+    settling.add(p);
+  }
+  if (!flushTimer) flushTimer = setTimeout(flush, DEBOUNCE_MS);
+  if (!settleTimer) {
+    settleTimer = setTimeout(() => {
+      settleTimer = 0;
+      for (const p of settling) state.pending.add(p);
+      settling.clear();
+      flush();
+    }, SETTLE_MS);
+  }
 }
 
 function flush() {
+  clearTimeout(flushTimer);
+  flushTimer = 0;
   const panels = [...state.pending];
   state.pending.clear();
   for (const p of panels) {
@@ -222,9 +232,9 @@ function route({ view, params }) {
       else link.removeAttribute("aria-current");
     }
     const panel = VIEW_PANELS[view];
-    if (panel && (state.dirty.has(panel) || !state.seen?.has(panel))) {
+    if (panel && (state.dirty.has(panel) || !state.seen.has(panel))) {
       state.dirty.delete(panel);
-      (state.seen = state.seen || new Set()).add(panel);
+      state.seen.add(panel);
       REFRESH[panel]();
     }
     window.scrollTo(0, 0);
@@ -248,6 +258,10 @@ function showGate() {
 }
 
 onUnauthorized(showGate);
+// A request that cannot reach the server means the stream is probably dead too.
+onOffline(() => {
+  if (state.stream) state.stream.restart();
+});
 $("gate-retry").addEventListener("click", () => location.reload());
 
 // --- start ---------------------------------------------------------------------------------
@@ -269,8 +283,13 @@ async function start() {
   dispatch.setMeta(meta);
   document.documentElement.dataset.version = meta.version || "";
 
-  const status = await refreshStatus();
-  if (!status) return;
+  let status = await refreshStatus();
+  while (!status) {
+    if (!$("gate").hidden) return;
+    replace($("live-body"), h("p", { class: "load-error", role: "alert" }, "Waiting for Shipyard to answer…"));
+    await new Promise((resolve) => setTimeout(resolve, 3000));
+    status = await refreshStatus();
+  }
   route(current());
   onRoute(route);
   live.refresh();
@@ -280,7 +299,10 @@ async function start() {
   // Follow from the newest event: the read models hold the rest, or will when caught up.
   const p = status.projection;
   startStream(Math.max(p.applied_seq, p.target_seq));
-  setInterval(() => live.tick(), 1000);
+  setInterval(() => {
+    live.tick();
+    breakdown.tick();
+  }, 1000);
   setInterval(refreshAgents, 60000);
 }
 

@@ -35,15 +35,16 @@ export function createBreakdown(backdrop, drawer, { rework }) {
     log: h("section", { class: "drawer-section", "aria-labelledby": "bd-log" }),
     actions: h("div", { class: "drawer-actions" }),
   };
-  replace(drawer, parts.head, scroll);
-  replace(scroll, parts.summary, parts.phases, parts.validation, parts.extras, parts.log, parts.actions);
+  replace(drawer, parts.head, scroll, parts.actions);
+  replace(scroll, parts.summary, parts.phases, parts.validation, parts.extras, parts.log);
 
   backdrop.addEventListener("mousedown", (e) => {
     if (e.target === backdrop) close();
   });
-  drawer.addEventListener("keydown", (e) => {
+  document.addEventListener("keydown", (e) => {
+    if (!target) return;
     if (e.key === "Escape") {
-      e.stopPropagation();
+      e.preventDefault();
       close();
     } else if (e.key === "Tab") {
       trapFocus(e);
@@ -181,13 +182,15 @@ export function createBreakdown(backdrop, drawer, { rework }) {
 
   function renderSummary(t) {
     const facts = [];
-    const fact = (label, value, title) => facts.push(h("div", { class: "fact" }, h("dt", null, label), h("dd", { title }, value)));
+    const fact = (label, value, title, wide = false) =>
+      facts.push(h("div", { class: wide ? "fact fact-wide" : "fact" }, h("dt", null, label), h("dd", { title }, value)));
     if (run) {
       const running = run.state === "running";
       fact("Agent", run.agent || "default");
       fact("Handler", run.handler || "—");
       fact("Started", when(run.started_at), full(run.started_at));
-      fact(running ? "Elapsed" : "Duration", running ? elapsed(run.started_at) : duration(secondsBetween(run.started_at, run.ended_at)));
+      if (running) fact("Elapsed", h("span", { class: "ticking", "data-started": run.started_at }, elapsed(run.started_at)));
+      else fact("Duration", duration(secondsBetween(run.started_at, run.ended_at)));
       fact("Turns", count(run.turns));
       fact("Tool calls", count(run.tool_calls));
       fact("Tokens", `${count(run.tokens_in)} in · ${count(run.tokens_out)} out`);
@@ -198,7 +201,7 @@ export function createBreakdown(backdrop, drawer, { rework }) {
     if (t) {
       fact("Priority", words(t.priority));
       fact("Dispatcher", t.dispatcher);
-      if (t.working_dir) fact("Working dir", h("span", { class: "mono" }, t.working_dir));
+      if (t.working_dir) fact("Working dir", h("span", { class: "mono" }, t.working_dir), t.working_dir, true);
       if (t.group) fact("Group", t.group);
       if (t.after && t.after.length) fact("After", h("span", { class: "mono" }, t.after.join(", ")));
       if (t.escalated_from) fact("Escalated from", h("span", { class: "mono" }, t.escalated_from));
@@ -397,6 +400,10 @@ export function createBreakdown(backdrop, drawer, { rework }) {
     show,
     hide,
     isOpen: () => Boolean(target),
+    tick() {
+      if (!target) return;
+      for (const el of drawer.querySelectorAll(".ticking")) el.textContent = elapsed(el.dataset.started);
+    },
     onEvent(event) {
       if (!target) return;
       const d = event.data || {};

@@ -14,7 +14,7 @@ export function createComms(root, { onUnread }) {
   let threads = null;
   let error = null;
   let unread = new Map();
-  let reader = localStorage.getItem(READER_KEY) || "";
+  let reader = localStorage.getItem(READER_KEY) || "operator";
   let names = [];
   let selected = ""; // a thread id, "new", or ""
   let messages = [];
@@ -75,23 +75,29 @@ export function createComms(root, { onUnread }) {
       if (id !== selected) return;
       messages = rows;
       threadError = null;
-      markRead(id);
     } catch (e) {
       threadError = e;
     }
     renderThread();
   }
 
-  async function markRead(threadId) {
-    if (!reader) return;
-    const ids = messages
-      .filter((m) => (m.recipient === reader || m.recipient === EVERYONE) && m.sender !== reader && !m.read_by.includes(reader))
-      .map((m) => m.message_id);
-    if (!ids.length) return;
+  function unreadFor(who) {
+    return messages.filter((m) => (m.recipient === who || m.recipient === EVERYONE) && m.sender !== who && !m.read_by.includes(who));
+  }
+
+  // Read receipts are facts agents act on, so the operator marks them on purpose, never by
+  // merely looking at a thread while reading as some agent.
+  async function markRead(threadId, button) {
+    const ids = unreadFor(reader).map((m) => m.message_id);
+    if (!reader || !ids.length) return;
+    button.disabled = true;
     try {
       await api.markRead({ reader, thread_id: threadId, message_ids: ids });
-    } catch {
-      // Unread stays unread; nothing else depends on it.
+      toast(`Marked ${ids.length} read for ${reader}`, "ok");
+      refresh();
+    } catch (e) {
+      button.disabled = false;
+      toast(`Couldn't mark them read: ${e.message}`, "bad");
     }
   }
 
@@ -145,10 +151,16 @@ export function createComms(root, { onUnread }) {
       replace(pane, back, errorNote(threadError, "this thread"));
       return;
     }
+    const waiting = reader ? unreadFor(reader).length : 0;
+    const mark = waiting
+      ? h("button", { type: "button", class: "btn btn-quiet btn-sm comms-mark", "data-testid": "mark-read" }, `Mark ${waiting} read for ${reader}`)
+      : null;
+    if (mark) mark.addEventListener("click", () => markRead(selected, mark));
     const head = h("header", { class: "comms-thread-head" }, back,
-      h("div", null,
+      h("div", { class: "comms-thread-title" },
         h("h2", null, thread ? thread.participants.map((p) => (p === EVERYONE ? "everyone" : p)).join(" · ") : "Thread"),
-        h("p", { class: "muted mono" }, selected, thread && thread.task_id ? ` · task ${thread.task_id}` : "")));
+        h("p", { class: "muted mono" }, selected, thread && thread.task_id ? ` · task ${thread.task_id}` : "")),
+      mark);
     const list = h("ol", { class: "messages" }, messages.map((m) => h("li", {
       class: `message${m.sender === reader ? " mine" : ""}`, "data-testid": "message", "data-type": m.type,
     },
@@ -157,6 +169,8 @@ export function createComms(root, { onUnread }) {
       badge(words(m.type), m.type === "directive" ? "warn" : m.type === "question" || m.type === "status_request" ? "info" : "muted"),
       h("time", { class: "muted", datetime: m.sent_at, title: full(m.sent_at) }, when(m.sent_at))),
     h("p", { class: "message-body" }, m.body),
+    reader && m.sender !== reader && (m.recipient === reader || m.recipient === EVERYONE) && !m.read_by.includes(reader)
+      ? h("p", { class: "message-unread" }, `Unread by ${reader}`) : null,
     m.read_by.length ? h("p", { class: "message-read muted" }, `Read by ${m.read_by.join(", ")}`) : null)));
     // Keep the reply form (and what is being typed in it) when new messages arrive.
     const keep = formFor === selected && pane.querySelector(".reply-form");

@@ -48,21 +48,26 @@ export function createDispatch(root) {
   let agents = [];
   let busy = false;
 
-  const field = (name, label, control, hint) => {
-    const error = h("p", { class: "field-error", id: `df-${name}-error`, hidden: true });
+  const field = (name, label, control, hint, extra) => {
+    const error = h("div", { class: "field-error", id: `df-${name}-error`, hidden: true });
     control.id = `df-${name}`;
     control.name = name;
     control.setAttribute("aria-describedby", `df-${name}-error${hint ? ` df-${name}-hint` : ""}`);
     return {
       control, error,
       el: h("div", { class: `field field-${name}` },
-        h("label", { for: `df-${name}` }, label),
+        extra
+          ? h("div", { class: "field-label-row" }, h("label", { for: `df-${name}` }, label), extra)
+          : h("label", { for: `df-${name}` }, label),
         control,
         hint ? h("p", { class: "hint", id: `df-${name}-hint` }, hint) : null,
         error),
     };
   };
 
+  const templateButtons = h("div", { class: "template-buttons" },
+    h("button", { type: "button", class: "btn btn-quiet btn-sm", onclick: () => useTemplate(false) }, "Build template"),
+    h("button", { type: "button", class: "btn btn-quiet btn-sm", onclick: () => useTemplate(true) }, "Rework template"));
   const f = {
     title: field("title", "Title", h("input", { class: "input", type: "text", maxlength: String(TITLE_MAX), required: true, autocomplete: "off", placeholder: "Add a /health endpoint" }),
       "Start with “Fix:” for a rework; it then needs a Current State (Broken) section."),
@@ -74,22 +79,22 @@ export function createDispatch(root) {
       "Tasks with the same group run in parallel and show as one."),
     after: field("after", "Runs after", h("input", { class: "input mono", type: "text", autocomplete: "off", placeholder: "task ids, optional" }),
       "Waits until these tasks succeed."),
-    prompt: field("prompt", "Prompt", h("textarea", { class: "input prompt", rows: "18", spellcheck: "true" })),
+    prompt: field("prompt", "Prompt", h("textarea", { class: "input prompt", rows: "18", spellcheck: "true" }),
+      "Four sections: ## Task, ## Requirements, ## Environment (the working directory, and a Test: command run in VALIDATE), ## Deliverables (README.md among them).",
+      templateButtons),
   };
   const datalist = h("datalist", { id: "df-agents" });
-  const problems = h("ul", { class: "problems", "data-testid": "dispatch-problems", hidden: true, role: "alert" });
+  const problemsTitle = h("p", { class: "problems-title" });
+  const problemList = h("ul", { "data-testid": "dispatch-problems" });
+  const problems = h("div", { class: "problems", role: "alert", hidden: true }, problemsTitle, problemList);
   const result = h("div", { class: "dispatch-result", "data-testid": "dispatch-result", hidden: true, role: "status" });
   const preview = h("pre", { class: "pre pre-json" });
   const submit = h("button", { type: "submit", class: "btn btn-primary" }, "Dispatch");
-  const templateButtons = h("div", { class: "template-buttons" },
-    h("button", { type: "button", class: "btn btn-quiet btn-sm", onclick: () => useTemplate(false) }, "Build template"),
-    h("button", { type: "button", class: "btn btn-quiet btn-sm", onclick: () => useTemplate(true) }, "Rework template"));
 
   const form = h("form", { class: "dispatch-form", "data-testid": "dispatch-form", novalidate: true },
     result,
     h("div", { class: "form-grid" },
       f.title.el, f.priority.el, f.dispatcher.el, f.agent.el, f.max_turns.el, f.group.el, f.after.el),
-    h("div", { class: "prompt-head" }, h("span", { class: "muted" }, "Four sections: ## Task, ## Requirements, ## Environment (with the working directory and a Test: command), ## Deliverables (with README.md)."), templateButtons),
     f.prompt.el,
     problems,
     h("div", { class: "form-actions" },
@@ -153,11 +158,11 @@ export function createDispatch(root) {
 
   function clearProblems() {
     problems.hidden = true;
-    replace(problems);
+    replace(problemList);
     for (const { control, error } of Object.values(f)) {
       control.removeAttribute("aria-invalid");
       error.hidden = true;
-      error.textContent = "";
+      replace(error);
     }
   }
 
@@ -170,15 +175,15 @@ export function createDispatch(root) {
       const name = FIELD_OF[where];
       if (name) (byField[name] = byField[name] || []).push(problem.slice(at + 2));
     }
-    replace(problems,
-      h("li", { class: "problems-title" }, message || `The dispatch was refused: ${list.length === 1 ? "1 problem" : `${list.length} problems`} to fix.`),
-      list.map((p) => h("li", null, p)));
+    problemsTitle.textContent = message || `The dispatch was refused: ${list.length === 1 ? "1 problem" : `${list.length} problems`} to fix.`;
+    replace(problemList, list.map((p) => h("li", null, p)));
     problems.hidden = false;
     let first = null;
     for (const [name, messages] of Object.entries(byField)) {
       const { control, error } = f[name];
       control.setAttribute("aria-invalid", "true");
-      error.textContent = messages.join(" ");
+      if (messages.length === 1) replace(error, messages[0]);
+      else replace(error, h("ul", null, messages.map((m) => h("li", null, m))));
       error.hidden = false;
       first = first || control;
     }
@@ -274,6 +279,8 @@ export function createDispatch(root) {
         `Fix “${run.title}”: run ${run.run_id} (attempt ${run.attempt}) failed${where}${run.reason ? ` (${run.reason})` : ""}.`);
       prompt = setSection(prompt, "Current State (Broken)", brokenState(run, where));
       if (task && task.working_dir) prompt = prompt.replace("/absolute/path/to/project", task.working_dir);
+      const checked = (run.validations || []).find((v) => v.command);
+      if (checked) prompt = prompt.replace(/^(- Test: )<[^>\n]*>$/m, (_, lead) => lead + checked.command);
       f.prompt.control.value = prompt;
       renderPreview();
       go("dispatch");

@@ -34,13 +34,11 @@ export function createHistory(root, meta) {
   search.addEventListener("input", onSearch);
   more.addEventListener("click", () => load(false));
 
-  replace(root,
-    h("div", { class: "toolbar", role: "search" }, outcome, agent, search),
-    h("div", { class: "history-header", "aria-hidden": "true" },
-      h("span", null, "Phases"), h("span", null, "Build"), h("span", null, "Outcome"),
-      h("span", { class: "num" }, "Duration"), h("span", { class: "num" }, "Turns"),
-      h("span", { class: "num" }, "Cost"), h("span", { class: "num" }, "Ended")),
-    list, footer);
+  const header = h("div", { class: "history-header", "aria-hidden": "true", hidden: true },
+    h("span", null, "Phases"), h("span", null, "Build"), h("span", null, "Outcome"),
+    h("span", { class: "num" }, "Duration"), h("span", { class: "num" }, "Turns"),
+    h("span", { class: "num" }, "Cost"), h("span", { class: "num" }, "Ended"));
+  replace(root, h("div", { class: "toolbar", role: "search" }, outcome, agent, search), header, list, footer);
 
   function setFilter(key, value) {
     if (filters[key] === value) return;
@@ -103,7 +101,7 @@ export function createHistory(root, meta) {
     if (row.group) sub.push(" · ", h("span", { class: "group-chip group-chip-sm" }, row.group));
     const button = h("button", {
       type: "button", class: "history-row", "data-testid": "history-row",
-      "data-run-id": row.run_id, "data-outcome": row.outcome,
+      "data-run-id": row.run_id, "data-task-id": row.task_id, "data-outcome": row.outcome,
     },
     h("span", { class: "h-dots" }, phaseDots(historyStatuses(row.phase_results, row.outcome), { size: "sm" })),
     h("span", { class: "h-main" },
@@ -120,6 +118,8 @@ export function createHistory(root, meta) {
   }
 
   function renderCounts() {
+    header.hidden = !rows.length;
+    footer.hidden = !rows.length;
     const shown = root.querySelector("#history-shown");
     shown.textContent = rows.length ? `Showing ${count(rows.length)} of ${count(total)}` : "";
     more.hidden = !nextBefore;

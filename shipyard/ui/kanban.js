@@ -17,9 +17,14 @@ export function createKanban(root) {
   let cards = null;
   let error = null;
 
+  let asked = 0; // replies to older requests are dropped
+
   async function refresh() {
+    const mine = ++asked;
     try {
-      cards = await api.kanban();
+      const fresh = await api.kanban();
+      if (mine !== asked) return;
+      cards = fresh;
       error = null;
     } catch (e) {
       error = e;
@@ -85,7 +90,10 @@ export function createKanban(root) {
           ? h("ol", { class: "kanban-cards" }, inColumn.map((c) => taskCard(c, steps.get(c.task_id) || [])))
           : h("p", { class: "kanban-empty" }, "—"));
     }));
+    const old = root.querySelector(".kanban");
+    const scrollLeft = old ? old.scrollLeft : 0;
     replace(root, tasks.length ? null : empty("The board is empty.", "Dispatched tasks appear here, with a card for each step of their plan."), board);
+    board.scrollLeft = scrollLeft;
   }
 
   return {

@@ -3,7 +3,7 @@
 // list itself is re-read from /api/runs/live.
 
 import { api } from "./api.js";
-import { badge, empty, errorNote, h, replace } from "./dom.js";
+import { badge, errorNote, h, replace } from "./dom.js";
 import { cost, count, elapsed, parseTime, plural, words } from "./format.js";
 import { liveStatuses, phaseDots, phaseLabel, phases, updateDots } from "./phases.js";
 import { go, openRun } from "./router.js";
@@ -22,7 +22,10 @@ export function createLive(body, meta, announcer) {
     setTimeout(() => { announcer.textContent = text; }, 50);
   }
 
+  let asked = 0; // replies to older requests are dropped
+
   async function refresh() {
+    const mine = ++asked;
     let rows;
     try {
       rows = await api.liveRuns();
@@ -32,6 +35,7 @@ export function createLive(body, meta, announcer) {
       render();
       return;
     }
+    if (mine !== asked) return;
     const seen = new Set();
     for (const run of rows) {
       seen.add(run.run_id);
@@ -270,7 +274,7 @@ export function createLive(body, meta, announcer) {
       const done = members.filter((e) => e.ended && e.ended.outcome === "succeeded").length;
       sections.push(h("section", { class: "live-group", "data-group": key, "aria-label": `Group ${key}` },
         h("h3", { class: "live-group-head" }, h("span", { class: "group-chip" }, key),
-          h("span", { class: "muted" }, ` ${plural(members.length, "run")} in parallel${done ? ` · ${done} done` : ""}`)),
+          h("span", { class: "muted" }, ` ${plural(members.length, "run")}${members.length > 1 ? " in parallel" : ""}${done ? ` · ${done} done` : ""}`)),
         grid));
     }
     replace(body, sections);

@@ -14,6 +14,11 @@ const KNOWN_TYPES = [
 ];
 
 const MAX_BACKOFF_MS = 15000;
+const RESTART_GAP_MS = 3000;
+// A gateway that sends a `ping` event now and then lets us notice a stream that went quiet
+// without closing (a hung proxy, a server stuck shutting down). Without pings, quiet is
+// just an idle system.
+const PING_SILENCE_MS = 45000;
 
 /**
  * Follow the log after `after`. `onEvent(event)` gets each parsed event; `onState(state)`
@@ -27,9 +32,13 @@ export function follow({ after = 0, types = [], onEvent, onState, onResync, prob
   let backoff = 1000;
   let everOpen = false;
   let closed = false;
+  let pings = false;
+  let lastHeard = Date.now();
+  let lastRestart = 0;
   const names = [...new Set([...KNOWN_TYPES, ...types])];
 
   const handle = (message) => {
+    lastHeard = Date.now();
     let event;
     try {
       event = JSON.parse(message.data);
@@ -46,7 +55,12 @@ export function follow({ after = 0, types = [], onEvent, onState, onResync, prob
   const open = () => {
     if (closed) return;
     source = new EventSource(eventsUrl(lastSeq || undefined), { withCredentials: true });
+    source.addEventListener("ping", () => {
+      pings = true;
+      lastHeard = Date.now();
+    });
     source.addEventListener("open", () => {
+      lastHeard = Date.now();
       backoff = 1000;
       onState("live");
       if (everOpen) onResync();
@@ -67,6 +81,22 @@ export function follow({ after = 0, types = [], onEvent, onState, onResync, prob
     for (const name of names) source.addEventListener(name, handle);
   };
 
+  /** Drop the connection and open a new one after the last event seen. */
+  const restart = () => {
+    if (closed || Date.now() - lastRestart < RESTART_GAP_MS) return;
+    lastRestart = Date.now();
+    clearTimeout(retryTimer);
+    if (source) source.close();
+    source = null;
+    everOpen = true;
+    onState("reconnecting");
+    retryTimer = setTimeout(open, 500);
+  };
+
+  const watchdog = setInterval(() => {
+    if (pings && source && source.readyState === EventSource.OPEN && Date.now() - lastHeard > PING_SILENCE_MS) restart();
+  }, 5000);
+
   onState("reconnecting");
   open();
 
@@ -74,8 +104,10 @@ export function follow({ after = 0, types = [], onEvent, onState, onResync, prob
     close() {
       closed = true;
       clearTimeout(retryTimer);
+      clearInterval(watchdog);
       if (source) source.close();
     },
+    restart,
     lastSeq: () => lastSeq,
   };
 }
