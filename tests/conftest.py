@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 
 from shipyard.embedded import EmbeddedNats
 from shipyard.events.log import EventLog, connect
+from shipyard.projections.projector import Projector, ReadModels
 
 
 @pytest.fixture
@@ -37,6 +38,18 @@ async def event_log(nc: NATS) -> EventLog:
     log = EventLog(nc)
     await log.ensure_stream()
     return log
+
+
+@pytest.fixture
+async def projector(tmp_path: Path, event_log: EventLog) -> AsyncIterator[Projector]:
+    """A projector following the test's log into a DuckDB file of its own."""
+    models = ReadModels(tmp_path / "readmodels.duckdb")
+    await models.open()
+    proj = Projector(event_log, models)
+    await proj.start()
+    yield proj
+    await proj.stop()
+    await models.close()
 
 
 class Up:

@@ -15,7 +15,7 @@ from shipyard.events import commands
 from shipyard.events.commands import Commands, CommandService
 from shipyard.events.log import EventLog
 from shipyard.projections import queries
-from shipyard.projections.projector import Projector, ReadModels, build
+from shipyard.projections.projector import Projector, build
 from tests.samples import dispatch_body
 
 
@@ -26,17 +26,6 @@ async def service(nc: NATS, event_log: EventLog) -> AsyncIterator[CommandService
     await nc.flush()
     yield svc
     await svc.stop()
-
-
-@pytest.fixture
-async def projector(tmp_path: Path, event_log: EventLog) -> AsyncIterator[Projector]:
-    models = ReadModels(tmp_path / "comms.duckdb")
-    await models.open()
-    proj = Projector(event_log, models)
-    await proj.start()
-    yield proj
-    await proj.stop()
-    await models.close()
 
 
 async def view(proj: Projector, log: EventLog, fn: Any, *args: Any, **kw: Any) -> Any:

@@ -17,7 +17,7 @@ from shipyard.events.log import EventLog
 from shipyard.gateway import openapi
 from shipyard.gateway.app import create_app
 from shipyard.gateway.server import GatewayService
-from shipyard.projections.projector import Projector, ReadModels
+from shipyard.projections.projector import Projector
 from shipyard.settings import GatewaySettings, Settings
 from tests.samples import dispatch_body
 
@@ -47,17 +47,6 @@ class Client:
             if r.content_type == "application/json":
                 return r.status, await r.json()
             return r.status, body.decode()
-
-
-@pytest.fixture
-async def projector(tmp_path: Path, event_log: EventLog) -> AsyncIterator[Projector]:
-    models = ReadModels(tmp_path / "gw.duckdb")
-    await models.open()
-    proj = Projector(event_log, models)
-    await proj.start()
-    yield proj
-    await proj.stop()
-    await models.close()
 
 
 def gateway_settings(tmp_path: Path, port: int = 0) -> Settings:

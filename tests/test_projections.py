@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,21 +21,10 @@ from shipyard.events.log import EventLog
 from shipyard.events.types import REGISTRY, TaskDispatched
 from shipyard.handler.service import Handler
 from shipyard.projections import queries
-from shipyard.projections.projector import Projector, ReadModels, Status, build
+from shipyard.projections.projector import Projector, Status, build
 from shipyard.projections.service import PROGRESS_SUBJECT, ask
 from tests import handlers as h
 from tests.test_handler import body
-
-
-@pytest.fixture
-async def projector(tmp_path: Path, event_log: EventLog) -> AsyncIterator[Projector]:
-    models = ReadModels(tmp_path / "live.duckdb")
-    await models.open()
-    proj = Projector(event_log, models)
-    await proj.start()
-    yield proj
-    await proj.stop()
-    await models.close()
 
 
 async def q(proj: Projector, fn: Any, *args: Any, **kwargs: Any) -> Any:
