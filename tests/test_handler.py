@@ -418,3 +418,76 @@ async def test_a_builder_past_its_wall_clock_limit_is_killed(
     done = await h.wait_for(event_log, h.finished(task_id), timeout=20)
     assert done.data.reason == "builder_timeout"
     assert await _gone(started.data.pid)
+
+
+async def test_a_status_request_is_answered_by_the_handler_once(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """A status_request about a running task gets one status_response with its live phase
+    and percent, from the handler (the sandboxed builder is not asked), even with two
+    handlers following the log."""
+    from shipyard.events import comms
+
+    cfg = h.settings(tmp_path)
+    await start(handlers, event_log, cfg, "first")
+    await start(handlers, event_log, cfg, "second")
+    task_id = (await Commands(event_log).dispatch(body(tmp_path, "st", agent="slow"))).task_id
+    await h.wait_for(event_log, h.of_type(task_id, "builder_started"))
+    asked = await comms.send(
+        event_log,
+        {
+            "sender": "openclaw",
+            "recipient": "slow",
+            "type": "status_request",
+            "body": "How is it going?",
+            "task_id": task_id,
+        },
+    )
+    answer = await h.wait_for(
+        event_log,
+        lambda e: e.type == "message_sent" and e.data.type == "status_response",
+        start=asked["seq"],
+    )
+    assert answer.aggregate_id == asked["thread_id"]
+    assert answer.data.reply_to == asked["message_id"]
+    assert answer.data.recipient == "openclaw"
+    assert "is running" in answer.data.body
+    assert "BUILD" in answer.data.body
+    assert "%" in answer.data.body
+    assert answer.actor.startswith("handler:")
+    await Commands(event_log).cancel(task_id)
+    await h.wait_for(event_log, h.finished(task_id))
+    thread = await event_log.history("thread", asked["thread_id"])
+    assert [e.data.type for e in thread] == ["status_request", "status_response"]
+
+
+async def test_unread_directives_reach_the_builder_at_context_and_are_marked_read(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """A directive sent to the builder's agent before its task runs is put into the
+    builder's prompt at CONTEXT and then marked read for that agent."""
+    from shipyard.events import comms
+
+    sent = await comms.send(
+        event_log,
+        {"sender": "openclaw", "recipient": "ok", "type": "directive", "body": "Use tabs."},
+    )
+    await start(handlers, event_log, h.settings(tmp_path))
+    task_id = (await Commands(event_log).dispatch(body(tmp_path, "dir"))).task_id
+    done = await h.wait_for(event_log, h.finished(task_id))
+    assert done.data.outcome == TaskState.SUCCEEDED
+    prompt_file = Path(f"{tmp_path / 'launches.txt'}.{task_id}.build.prompt")
+    prompt = await asyncio.to_thread(prompt_file.read_text)
+    assert "directive from openclaw: Use tabs." in prompt
+    receipts = [
+        e.data
+        for e in await event_log.history("thread", sent["thread_id"])
+        if e.type == "message_read"
+    ]
+    assert [(r.message_id, r.reader) for r in receipts] == [(sent["message_id"], "ok")]
+    context = next(
+        e.data
+        for e in await history(event_log, task_id)
+        if e.type == "phase_changed" and e.data.phase == Phase.CONTEXT and e.data.result
+    )
+    assert "1 message(s) for ok" in context.result

@@ -42,6 +42,29 @@ PROGRESS_EVERY = 10.0  # seconds: at most one progress event this often while th
 README_FILES = ("README.md", "CLAUDE.md")
 
 
+class Mailroom:
+    """Directives and questions not yet read, as the handler has seen them on the log."""
+
+    KINDS = (t.MessageType.DIRECTIVE, t.MessageType.QUESTION)
+
+    def __init__(self) -> None:
+        self._notes: dict[str, tuple[str, t.MessageSent, set[str]]] = {}
+
+    def apply(self, event: Event[Any]) -> None:
+        data = event.data
+        if isinstance(data, t.MessageSent) and data.type in self.KINDS:
+            self._notes[data.message_id] = (event.aggregate_id, data, set())
+        elif isinstance(data, t.MessageRead) and data.message_id in self._notes:
+            self._notes[data.message_id][2].add(data.reader)
+
+    def unread_for(self, agent: str) -> list[tuple[str, t.MessageSent]]:
+        return [
+            (thread_id, m)
+            for thread_id, m, readers in self._notes.values()
+            if m.recipient in (agent, t.EVERYONE) and m.sender != agent and agent not in readers
+        ]
+
+
 class Aborted(Exception):
     """The run was cancelled, or a watchdog verdict ended it."""
 
@@ -94,6 +117,7 @@ class Run:
         attempt: int,
         runner: Runner,
         handler_id: str,
+        mail: Mailroom | None = None,
     ) -> None:
         self.events = events
         self.settings = settings
@@ -104,6 +128,7 @@ class Run:
         self.run_id = run_id
         self.attempt = attempt
         self.runner = runner
+        self.mail = mail
         self.handler_id = handler_id
         self.actor = f"handler:{handler_id}"
         self.host = socket.gethostname()
@@ -270,6 +295,10 @@ class Run:
             parts += ["", "## Results of the tasks this one waited for", *prereq]
         if self.spec.escalated_from:
             parts += ["", "## Escalated from an earlier task", self._escalation_history()]
+        notes = self.mail.unread_for(self.runner.name) if self.mail else []
+        if notes:
+            parts += ["", "## Messages for you (directives and questions, unread until now)"]
+            parts += [f"- {m.type} from {m.sender}: {m.body}" for _, m in notes]
         parts += [
             "",
             "## Working rules",
@@ -284,6 +313,12 @@ class Run:
             what.append(f"{len(prereq)} prerequisite result(s)")
         if self.spec.escalated_from:
             what.append(f"escalated from {self.spec.escalated_from}")
+        if notes:
+            what.append(f"{len(notes)} message(s) for {self.runner.name}")
+            # Put into the prompt, so read: the builder cannot mark them itself.
+            for thread_id, m in notes:
+                receipt = t.MessageRead(message_id=m.message_id, reader=self.runner.name)
+                await self.events.append(make(receipt, aggregate_id=thread_id, actor=self.actor))
         what.append(f"{len(self.before)} files in {self.workdir}")
         await self._phase(P.CONTEXT, t.PhaseStatus.SUCCEEDED, result=", ".join(what))
 

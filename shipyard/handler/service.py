@@ -21,11 +21,11 @@ from typing import Any
 from shipyard import demo
 from shipyard.errors import ConcurrencyConflict, ShipyardError
 from shipyard.events import types as t
-from shipyard.events.envelope import Event, make, short_id, utcnow
+from shipyard.events.envelope import Event, make, new_id, short_id, utcnow
 from shipyard.events.log import EventLog
 from shipyard.events.tasks import Task, TaskBook
 from shipyard.handler import guard
-from shipyard.handler.pipeline import Run
+from shipyard.handler.pipeline import Mailroom, Run
 from shipyard.handler.runners import make_runner
 from shipyard.handler.runners.base import Runner
 from shipyard.settings import Settings
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # Events after which a queued task may have become claimable, or a slot free.
 _WAKING = (t.TaskDispatched, t.TaskRequeued, t.TaskFinished, t.RunFinished, t.TaskClaimed)
 MIN_CHECK = 0.05  # seconds: the watchdog's shortest check period
+STATUS_DEFER = 1.0  # seconds a handler not running the task waits before answering for it
 MAX_CHECK = 5.0  # seconds: and its longest
 
 
@@ -54,6 +55,8 @@ class Handler:
             name: make_runner(name, agent) for name, agent in agents.items()
         }
         self.runs: dict[str, Run] = {}  # task id -> our active run
+        self.mail = Mailroom()
+        self._answers: set[asyncio.Task[None]] = set()
         self._run_tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._caught_up = asyncio.Event()
@@ -97,14 +100,26 @@ class Handler:
             run.abort(t.TaskState.FAILED, "handler_stopped")
         if self._run_tasks:
             await asyncio.wait(self._run_tasks, timeout=self.hs.kill_grace + 10)
-        for loop in self._loops:
-            loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        for job in [*self._loops, *self._answers]:
+            job.cancel()
+        await asyncio.gather(*self._loops, *self._answers, return_exceptions=True)
 
     # --- following the log ----------------------------------------------------------
 
     async def _follow(self, target: int) -> None:
         async for event in self.events.follow(start=1):
+            if event.aggregate == "thread":
+                self.mail.apply(event)
+                data = event.data
+                if (
+                    self._caught_up.is_set()
+                    and isinstance(data, t.MessageSent)
+                    and data.type == t.MessageType.STATUS_REQUEST
+                    and data.task_id
+                ):
+                    answer = asyncio.create_task(self._answer_status(event))
+                    self._answers.add(answer)
+                    answer.add_done_callback(self._answers.discard)
             task = self.book.apply(event)
             if task is not None:
                 self._react(event, task)
@@ -219,6 +234,7 @@ class Handler:
             attempt=task.attempt,
             runner=runner,
             handler_id=self.id,
+            mail=self.mail,
         )
         self.runs[task.id] = run
         self.launches += 1
@@ -233,6 +249,47 @@ class Handler:
         finally:
             self.runs.pop(task_id, None)
             self._wake.set()
+
+    # --- comms ----------------------------------------------------------------------
+
+    async def _answer_status(self, request: Event[Any]) -> None:
+        """Answer a status_request about a task with its live state. The builder is not
+        asked. Every handler may answer; the reply is guarded on the request being the
+        thread's last event, so exactly one lands, and the run's own handler goes first."""
+        data: t.MessageSent = request.data
+        task = self.book.tasks.get(data.task_id)
+        if task is None:
+            return
+        own = self.runs.get(task.id)
+        if own is None and task.run_open:
+            await asyncio.sleep(STATUS_DEFER)  # the owner knows turns and cost; let it answer
+        state = self.book.effective_state(task)
+        parts = [f"{task.spec.title} ({task.id}) is {state}"]
+        if task.run_open:
+            phase = task.phase.label if task.phase else "CLAIMED"
+            parts.append(f"in {phase}, {task.percent}%")
+            if task.stale:
+                parts.append("STALE: no heartbeat lately")
+        if own is not None:
+            p = own.progress
+            parts.append(f"{p.action}; {p.turns} turns, ${p.cost_usd:.4f}".strip("; "))
+        elif task.reason:
+            parts.append(task.reason)
+        sender = data.recipient if data.recipient != t.EVERYONE else (task.agent or "handler")
+        reply = t.MessageSent(
+            message_id=new_id("m-"),
+            sender=sender,
+            recipient=data.sender,
+            type=t.MessageType.STATUS_RESPONSE,
+            body="; ".join(parts),
+            reply_to=data.message_id,
+            task_id=task.id,
+        )
+        with contextlib.suppress(ConcurrencyConflict):
+            await self.events.append(
+                make(reply, aggregate_id=request.aggregate_id, actor=self.actor),
+                expect=request.seq,
+            )
 
     # --- liveness -------------------------------------------------------------------
 

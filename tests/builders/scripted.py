@@ -21,6 +21,8 @@ def main() -> int:
     if launches:
         with open(launches, "a") as f:
             f.write(f"{os.environ['SHIPYARD_TASK_ID']} {phase} {os.getpid()}\n")
+        prompt_file = Path(f"{launches}.{os.environ['SHIPYARD_TASK_ID']}.{phase}.prompt")
+        prompt_file.write_text(os.environ.get("SHIPYARD_PROMPT", ""))
     work = Path.cwd()
     print(f"{mode}: {phase} in {work}", flush=True)
     if mode == "silent":
