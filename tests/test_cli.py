@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -304,3 +305,25 @@ def test_token_create_makes_a_working_token(tmp_path: Path) -> None:
     assert principal is not None
     assert principal.role == "viewer"
     assert oct((tmp_path / "tokens.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_taken_gateway_port_is_a_clear_error(tmp_path: Path) -> None:
+    """`up` on a port another program holds exits 1, says so, and leaves no server behind."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "SHIPYARD_DATA_DIR": str(tmp_path), "SHIPYARD_PORT": str(port)}
+        result = subprocess.run(
+            [sys.executable, "-m", "shipyard.cli", "up"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "nats" / "nats.pid").exists()

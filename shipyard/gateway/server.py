@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Generator
 
 import uvicorn
@@ -57,16 +58,25 @@ class GatewayService:
             timeout_graceful_shutdown=2,
         )
         self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve(), name="gateway")
+        # Bind here, so a taken port is a clear error rather than uvicorn's exit mid-start.
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.host, cfg.port))
+        except OSError as e:
+            sock.close()
+            raise ConfigError(
+                f"the gateway cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}. "
+                "Choose another port with SHIPYARD_PORT or [gateway] port in shipyard.toml."
+            ) from e
+        sock.listen(512)
+        sock.setblocking(False)
+        port = sock.getsockname()[1]
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="gateway")
         while not self._server.started:
             if self._task.done():
-                exc = self._task.exception()
-                raise ConfigError(
-                    f"the gateway could not listen on {cfg.host}:{cfg.port}: {exc or 'it stopped'}"
-                    ". Choose another with --port or [gateway] port in shipyard.toml."
-                )
+                raise ConfigError(f"the gateway on {cfg.host}:{port} stopped while starting")
             await asyncio.sleep(0.01)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
         self.url = cfg.public_url.rstrip("/") or f"http://{host}:{port}"
 
