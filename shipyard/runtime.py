@@ -30,6 +30,7 @@ from shipyard.settings import Settings
 
 log = logging.getLogger(__name__)
 
+DRAIN_TIMEOUT = 5.0  # seconds to flush and unsubscribe at shutdown
 ROLES = ("projector", "commands", "handler", "gateway")  # every role this release can run
 DEFAULT_ROLES = ROLES
 
@@ -167,8 +168,11 @@ async def run(
                     except Exception:
                         log.exception("stopping %s failed", type(service).__name__)
         finally:
-            with contextlib.suppress(Exception):
-                await nc.drain()
+            try:
+                await asyncio.wait_for(nc.drain(), DRAIN_TIMEOUT)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    await nc.close()
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # Events after which a queued task may have become claimable, or a slot free.
 _WAKING = (t.TaskDispatched, t.TaskRequeued, t.TaskFinished, t.RunFinished, t.TaskClaimed)
 MIN_CHECK = 0.05  # seconds: the watchdog's shortest check period
+STOP_TIMEOUT = 5.0  # seconds stop() waits for the handler's own loops to end
 STATUS_DEFER = 1.0  # seconds a handler not running the task waits before answering for it
 MAX_CHECK = 5.0  # seconds: and its longest
 
@@ -100,9 +101,12 @@ class Handler:
             run.abort(t.TaskState.FAILED, "handler_stopped")
         if self._run_tasks:
             await asyncio.wait(self._run_tasks, timeout=self.hs.kill_grace + 10)
-        for job in [*self._loops, *self._answers]:
+        jobs = [*self._loops, *self._answers]
+        for job in jobs:
             job.cancel()
-        await asyncio.gather(*self._loops, *self._answers, return_exceptions=True)
+        if jobs:
+            # A consumer being set up can sit on its cancellation; never hang the shutdown.
+            await asyncio.wait(jobs, timeout=STOP_TIMEOUT)
 
     # --- following the log ----------------------------------------------------------
 

@@ -165,7 +165,8 @@ class Projector:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)  # never hang a shutdown on a consumer
 
     async def wait_caught_up(self) -> None:
         await self._caught_up.wait()
