@@ -224,9 +224,16 @@ class Spec:
     group: str
 
 
+def newest_id(prefix: str) -> str:
+    """A task or run id as ``new_id()`` makes it, but with a leading ``z`` for the ``0``
+    every id made today starts with: it sorts after the ids of the older runs the query
+    database is grown with (see :data:`GROW_SQL`)."""
+    return prefix + BASE_DIGIT + new_id()[1:]
+
+
 def new_spec(number: int, rng: random.Random) -> Spec:
     title = f"{rng.choice(VERBS)} {rng.choice(NOUNS)} ({number})"
-    return Spec(number, new_id("t-"), title, rng.choice(AGENTS), rng.choice(GROUPS))
+    return Spec(number, newest_id("t-"), title, rng.choice(AGENTS), rng.choice(GROUPS))
 
 
 def dispatched(spec: Spec, rng: random.Random) -> t.TaskDispatched:
@@ -285,7 +292,7 @@ def run_script(
 ) -> Iterator[t.EventData | tuple[str, str, t.EventData]]:
     """One run of ``spec`` from its claim to ``task_finished``, as the handler posts it (and,
     for some runs, a conversation in a thread of its own, as ``(thread id, actor, data)``)."""
-    run_id = new_id("r-")
+    run_id = newest_id("r-")
     P, S = t.Phase, t.PhaseStatus
     fails = rng.random() < 0.1
     talks = rng.random() < 0.125
@@ -688,46 +695,55 @@ async def replay(
 
 # --- the query database -------------------------------------------------------------------
 
-# Copy k of a run is k workload spans later, at stream sequences k * N later, and its ids
-# have the k-th Crockford digit in place of their leading "0" (every id made now starts with
-# one): so ids still sort by creation time, as new_id() makes them, and rows go in in the
-# order the fold would have written them.
-COPY_DIGITS = "123456789abcdefghjkmnpqrstvwxyz"
+# Growing the replayed database to R finished runs: copy j = 1, 2, … of its finished runs is
+# j workload spans *older* (the replayed runs, and the tasks still open, stay the newest, as
+# on a live system); stream sequences are kept increasing with time by moving the replayed
+# runs' sequences up by (copies × N) and giving copy j (copies − j) × N more than the
+# original; ids get the (copies − j + 1)-th Crockford digit where the replayed ones have
+# ``z`` (BASE_DIGIT), so ids still sort by time, as new_id() makes them. The partial copy, if
+# any, is the oldest and holds the newest runs, so the history has no holes.
+BASE_DIGIT = "z"
+COPY_DIGITS = "0123456789abcdefghjkmnpqrstvwxy"
 GROW_SQL = f"""
-CREATE OR REPLACE TEMP MACRO bench_id(id, k) AS
-    substr(id, 1, 2) || substr('{COPY_DIGITS}', k::INTEGER, 1) || substr(id, 4);
+CREATE OR REPLACE TEMP MACRO bench_id(id, d) AS
+    substr(id, 1, 2) || substr('{COPY_DIGITS}', d::INTEGER, 1) || substr(id, 4);
 CREATE OR REPLACE TEMP TABLE bench_base AS
-    SELECT run_id, row_number() OVER (ORDER BY finished_seq) AS rn FROM history;
+    SELECT run_id, row_number() OVER (ORDER BY finished_seq DESC) AS rn FROM history;
 CREATE OR REPLACE TEMP TABLE bench_copies AS
-    SELECT b.run_id, c.k FROM bench_base b, range(1, $copies + 1) c(k)
-    WHERE (c.k - 1) * $base + b.rn <= $extra;
+    SELECT b.run_id, c.j, $copies - c.j + 1 AS d,
+           -c.j * $span AS shift, ($copies - c.j) * $seqs AS seqs
+    FROM bench_base b, range(1, $copies + 1) c(j)
+    WHERE (c.j - 1) * $base + b.rn <= $extra;
+UPDATE history SET finished_seq = finished_seq + $copies * $seqs;
+UPDATE tasks SET created_seq = created_seq + $copies * $seqs,
+                 last_seq = last_seq + $copies * $seqs;
 INSERT INTO history BY NAME
-    SELECT * EXCLUDE (k) REPLACE (
-        bench_id(run_id, k) AS run_id, bench_id(task_id, k) AS task_id,
-        started_at + to_seconds(k * $span) AS started_at,
-        ended_at + to_seconds(k * $span) AS ended_at,
-        finished_seq + k * $seqs AS finished_seq)
-    FROM history JOIN bench_copies USING (run_id) ORDER BY k, history.rowid;
+    SELECT * EXCLUDE (j, d, shift, seqs) REPLACE (
+        bench_id(run_id, d) AS run_id, bench_id(task_id, d) AS task_id,
+        started_at + to_seconds(shift) AS started_at,
+        ended_at + to_seconds(shift) AS ended_at,
+        finished_seq - $copies * $seqs + seqs AS finished_seq)
+    FROM history JOIN bench_copies USING (run_id) ORDER BY d, history.rowid;
 INSERT INTO runs BY NAME
-    SELECT * EXCLUDE (k) REPLACE (
-        bench_id(run_id, k) AS run_id, bench_id(task_id, k) AS task_id,
-        started_at + to_seconds(k * $span) AS started_at,
-        last_heartbeat + to_seconds(k * $span) AS last_heartbeat,
-        ended_at + to_seconds(k * $span) AS ended_at)
-    FROM runs JOIN bench_copies USING (run_id) ORDER BY k, runs.rowid;
+    SELECT * EXCLUDE (j, d, shift, seqs) REPLACE (
+        bench_id(run_id, d) AS run_id, bench_id(task_id, d) AS task_id,
+        started_at + to_seconds(shift) AS started_at,
+        last_heartbeat + to_seconds(shift) AS last_heartbeat,
+        ended_at + to_seconds(shift) AS ended_at)
+    FROM runs JOIN bench_copies USING (run_id) ORDER BY d, runs.rowid;
 INSERT INTO tasks BY NAME
-    SELECT * EXCLUDE (k) REPLACE (
-        bench_id(task_id, k) AS task_id, bench_id(run_id, k) AS run_id,
-        created_at + to_seconds(k * $span) AS created_at,
-        created_seq + k * $seqs AS created_seq,
-        updated_at + to_seconds(k * $span) AS updated_at,
-        last_seq + k * $seqs AS last_seq)
-    FROM tasks JOIN bench_copies USING (run_id) ORDER BY k, tasks.rowid;
+    SELECT * EXCLUDE (j, d, shift, seqs) REPLACE (
+        bench_id(task_id, d) AS task_id, bench_id(run_id, d) AS run_id,
+        created_at + to_seconds(shift) AS created_at,
+        created_seq - $copies * $seqs + seqs AS created_seq,
+        updated_at + to_seconds(shift) AS updated_at,
+        last_seq - $copies * $seqs + seqs AS last_seq)
+    FROM tasks JOIN bench_copies USING (run_id) ORDER BY d, tasks.rowid;
 INSERT INTO cards BY NAME
-    SELECT * EXCLUDE (k) REPLACE (
-        bench_id(card_id, k) AS card_id, bench_id(task_id, k) AS task_id,
-        bench_id(run_id, k) AS run_id, updated_at + to_seconds(k * $span) AS updated_at)
-    FROM cards JOIN bench_copies USING (run_id) ORDER BY k, cards.rowid;
+    SELECT * EXCLUDE (j, d, shift, seqs) REPLACE (
+        bench_id(card_id, d) AS card_id, bench_id(task_id, d) AS task_id,
+        bench_id(run_id, d) AS run_id, updated_at + to_seconds(shift) AS updated_at)
+    FROM cards JOIN bench_copies USING (run_id) ORDER BY d, cards.rowid;
 DROP TABLE bench_copies;
 DROP TABLE bench_base;
 DROP MACRO bench_id;
@@ -754,10 +770,11 @@ def grow(con: duckdb.DuckDBPyConnection, runs: int, span_s: float, seqs: int) ->
         )
     odd = scalar(
         con,
-        "SELECT count(*) FROM history WHERE run_id NOT LIKE 'r-0%' OR task_id NOT LIKE 't-0%'",
+        f"SELECT count(*) FROM history WHERE run_id NOT LIKE 'r-{BASE_DIGIT}%' "
+        f"OR task_id NOT LIKE 't-{BASE_DIGIT}%'",
     )
     if extra and odd:
-        raise BenchError(f"{odd} runs have ids that do not start with r-0 / t-0")
+        raise BenchError(f"{odd} runs have ids made elsewhere than newest_id()")
     if extra:
         params = {
             "copies": copies,

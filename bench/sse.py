@@ -396,6 +396,11 @@ class CoreSubscribers(Transport):
                 rx.payloads.append(msg.data)
 
             self.subs.append(await self.nc.subscribe(ALL_EVENTS, cb=on_msg))
+        # Twice: nats-py (2.16) writes flush()'s PING straight to the socket, ahead of SUBs
+        # still queued for its flusher task, so one PONG does not prove the server has them
+        # all (and the first event would miss some subscribers). By the first PONG the
+        # flusher has written them; the second PONG comes after the server processed them.
+        await self.nc.flush()
         await self.nc.flush()
 
     def reached(self, rx: Receiver, last: int, count: int) -> bool:
@@ -464,7 +469,10 @@ class SseClients(Transport):
             asyncio.create_task(self._read(rx, after, fut), name=f"bench-sse-{rx.index}")
             for rx, fut in zip(receivers, opened, strict=True)
         ]
-        statuses = await asyncio.wait_for(asyncio.gather(*opened), GATEWAY_START_TIMEOUT)
+        try:
+            statuses = await asyncio.wait_for(asyncio.gather(*opened), GATEWAY_START_TIMEOUT)
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            raise BenchError(f"could not open /api/events: {type(e).__name__}: {e}") from e
         bad = Counter(s for s in statuses if s != 200)
         if bad:
             raise BenchError(f"/api/events answered {dict(bad)} to some clients")
@@ -962,15 +970,19 @@ def report(
             "events": phase.last - phase.first + 1,
             "check": checks[name],
         }
-    # what one (event, client) delivery costs the gateway beyond projecting the event
-    # The projector's transactions run on other threads than the event loop, and grow (so
-    # cost less per event) when the loop is busy: so a delivery's cost is the loop's alone.
+    # What one (event, client) delivery costs the gateway beyond projecting the event. The
+    # projector's transactions run on other threads than the event loop, and grow (so cost
+    # less per event) when the loop is busy: so a delivery's cost is counted on the loop.
     projector, sse_path = paths["projector"], paths["sse"]
     projector_ms = projector["gateway_cpu_ms_per_event"]
     projector_loop_ms = projector["gateway_loop_cpu_ms_per_event"]
     delivery_us = (
         1000.0 * (sse_path["gateway_loop_cpu_ms_per_event"] - projector_loop_ms) / sizes.clients
     )
+    figures += [
+        Figure("gateway CPU per event, projector", "ms", projector_ms),
+        Figure("gateway loop CPU per SSE delivery", "µs", delivery_us),
+    ]
     sound = wrong_sse == 0 and wrong_raw == 0
     result: dict[str, Any] = {
         "sizes": dataclasses.asdict(sizes),
@@ -979,7 +991,8 @@ def report(
             "warnings": warnings[:50],
             "warning_count": len(warnings),
         },
-        "baseline": "ordered JetStream consumers (EventLog.follow_raw), one bench connection",
+        "baseline": "ordered JetStream consumers (EventLog.follow_raw) on one bench connection, "
+        "before the gateway runs",
         "environment": environment(store_dir),
         "stream_messages": stored,
         "figures": [dataclasses.asdict(f) for f in figures],
@@ -1043,6 +1056,8 @@ def _number(value: float | None, unit: str = "") -> str:
         return f"{value:.2f} ms"
     if unit == "events":
         return f"{value:.0f}"
+    if unit == "µs":
+        return f"{value:.0f} µs"
     return f"{value:.2f}"
 
 
@@ -1089,8 +1104,9 @@ def table(result: dict[str, Any]) -> str:
         line(["-" * w for w in widths]),
         *(line(r) for r in rows),
         "",
-        f"baseline: {result['baseline']}, same percentile; ratio: SSE / baseline (lower is",
-        "better). Latency: perf_counter_ns before EventLog.append → the receiver has the event.",
+        f"baseline: {result['baseline']};",
+        "ratio: SSE / baseline at the same percentile (lower is better). Latency: from",
+        "perf_counter_ns before EventLog.append to the receiver having the event.",
         "",
         "per path, ms                        p50     p90     p99     max",
     ]

@@ -7,6 +7,7 @@ go through the same command functions as NATS commands, so both validate alike.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,7 +288,9 @@ async def activity(gw: Gateway, request: Request, who: Principal) -> Response:
 
 
 async def kanban(gw: Gateway, request: Request, who: Principal) -> Response:
-    return _json(await db(gw, queries.kanban))
+    # Open tasks, and finished ones of the last day: the board is for what is in flight.
+    since = datetime.now(UTC) - timedelta(days=1)
+    return _json(await db(gw, queries.kanban, since=since))
 
 
 async def agents(gw: Gateway, request: Request, who: Principal) -> Response:

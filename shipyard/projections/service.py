@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -171,7 +172,7 @@ class QueryService:
         )
 
     async def _kanban(self, args: dict[str, Any]) -> Any:
-        return await self._db(queries.kanban)
+        return await self._db(queries.kanban, since=datetime.now(UTC) - timedelta(days=1))
 
     async def _inbox(self, args: dict[str, Any]) -> dict[str, Any]:
         agent = _str(args, "agent")
