@@ -10,7 +10,7 @@ do not share the gateway's event loop — which would slow the gateway down and 
 queueing — and so that its CPU time can be read from ``/proc/<pid>/stat``. The projector
 runs in it too (the gateway role needs it), so the gateway is measured as it is deployed.
 
-Three phases, one after another, each with the same schedule: ``--warmup`` events (not
+Four phases, one after another, each with the same schedule: ``--warmup`` events (not
 timed; they also prove every receiver is subscribed), then M timed events, one started every
 ``--interval`` ms, each a ``WorkProgress`` event on an aggregate of its own, appended through
 :meth:`EventLog.append <shipyard.events.log.EventLog.append>` on the bench's own connection.
@@ -26,17 +26,21 @@ with the same clock; latency is arrival − send, per (event, receiver). The pha
    stored and synced, so they beat the write's acknowledgement).
 2. **ordered** — the baseline: N ordered JetStream consumers, each Shipyard's own
    :meth:`EventLog.follow_raw` from the phase's first sequence, all on one connection of the
-   bench's — exactly what the gateway runs per SSE client, minus HTTP.
-3. **sse** — N SSE clients (aiohttp, one connection each, ``Authorization: Bearer`` with
+   bench's — exactly what the gateway runs per SSE client, minus HTTP. Both baselines run
+   before the gateway is started: NATS and the bench alone, nothing else following the log.
+3. **projector** — the gateway is started (and has caught up); no receiver: the phase ends
+   once its projector has applied the last event (``/api/status``). This is the gateway's
+   cost with no client, all of it projecting.
+4. **sse** — N SSE clients (aiohttp, one connection each, ``Authorization: Bearer`` with
    the admin token) on ``/api/events?after=<last sequence before the phase>``. A client
    only stamps and keeps each chunk as it arrives; the stream is parsed after the phase
    (an event arrived with the chunk that completes it), so parsing costs the bench nothing
-   while it measures. Before (3) the bench waits (``/api/status``) until the gateway's
-   projector has applied the earlier phases' events, so that it starts idle.
+   while it measures.
 
 The ratio is SSE / ordered at the same percentile (lower is better): 1.0 would mean the
-gateway's hop — its own ordered consumer, the queue, sse-starlette, uvicorn, TCP, and the
-bench's aiohttp client — adds nothing. The target is SSE p99 ≤ 50 ms.
+gateway — its own ordered consumer per client, the queue, sse-starlette, uvicorn, TCP, the
+bench's aiohttp client, and the projector the gateway role runs beside them — adds nothing.
+The target is SSE p99 ≤ 50 ms.
 
 Correctness, checked over every phase's whole stream (warm-up included): each receiver must
 get every event of the phase exactly once, in order, and each event's payload must be the
@@ -50,18 +54,20 @@ appends started against the schedule, the offered rate and the deliveries per se
 achieved, and the CPU of the gateway, the nats-server, the bench process and *every other
 process on the machine* during the timed part, in % of one core (from ``/proc``; if other
 processes were busy, the latencies say more about them than about Shipyard). From the CPU
-figures: what the gateway's projector costs per event (core / ordered phases, when no SSE
-client is connected) and what one (event, SSE client) delivery costs the gateway beyond
-that. ``--profile FILE`` runs ``py-spy record`` (``pip install py-spy``) on the gateway
+figures: what the gateway's projector costs per event (the projector phase) and what one
+(event, SSE client) delivery costs the gateway's event loop (its main thread, from
+``/proc/<pid>/task/<pid>/stat``) beyond that — the projector's DuckDB work runs on other
+threads. ``--profile FILE`` runs ``py-spy record`` (``pip install py-spy``) on the gateway
 during the timed SSE phase, writes the collapsed stacks to FILE and prints where the
 gateway's time went.
 
-Sizing: N receivers at R events/s are N × R deliveries per second for every path, the
-baseline included — which lives in the bench process, ~40 µs of CPU per message in
-nats-py, so 100 ordered consumers at 200 events/s (5 ms apart) already take about a core.
-The default, 10 ms apart (100 events/s, 10,000 deliveries/s), keeps the baseline below
-that so that the ratio measures the gateway rather than the bench; ``--interval 5`` is the
-harder case.
+Sizing: N receivers at R events/s are N × R deliveries per second for every path, and
+every receiver lives in the bench process: 100 ordered consumers at 100 events/s take it
+about 60 % of a core (~60 µs per message in nats-py), 100 aiohttp SSE clients about 75 %
+once the gateway keeps up. At 200 events/s (5 ms apart) the baseline alone would need more
+than a core, and the ratio would measure the bench. The default, 10 ms apart (100 events/s,
+10,000 deliveries/s), is the most a 2-core machine can offer all three processes;
+``--interval 5`` is the harder case, ``--interval 20`` / ``50`` show where the gateway copes.
 
 Run from the repository root::
 

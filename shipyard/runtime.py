@@ -154,6 +154,9 @@ async def run(
                     "started": datetime.now(UTC).isoformat(),
                 }
                 await _start_roles(settings, roles, nc, events, services, info)
+                # nats-py can send flush's PING ahead of queued SUBs; a second round trip
+                # makes sure every subscription is on the server before we say "up".
+                await nc.flush()
                 await nc.flush()
                 instance.write_info(settings.data_dir, info)
                 if on_ready:
