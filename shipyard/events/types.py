@@ -176,7 +176,6 @@ class TaskDispatched(EventData, frozen=True, kw_only=True):
     agent: str = ""
     idempotency_key: str = ""
     escalated_from: str = ""
-    request: dict[str, Any] = {}
 
 
 @register

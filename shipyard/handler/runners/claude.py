@@ -67,7 +67,6 @@ class ClaudeRunner(Runner):
 class ClaudeParser(Parser):
     def __init__(self) -> None:
         super().__init__()
-        self.texts: list[str] = []
         self._messages: set[str] = set()  # assistant message ids already counted
         self._tasks: dict[str, Todo] = {}  # TaskCreate / TaskUpdate checklist, by task id
 
@@ -110,8 +109,6 @@ class ClaudeParser(Parser):
         btype = block.get("type")
         if btype == "text":
             text = str(block.get("text") or "")
-            if text.strip():
-                self.texts.append(text)
             return [Update("text", text=text)]
         if btype != "tool_use":
             return [Update("activity")]
