@@ -13,6 +13,7 @@ older than the current version.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -53,6 +54,13 @@ def short_id(prefix: str) -> str:
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(3), "big") & 0x3FFFF
     return prefix + b32(((ms & ((1 << 42) - 1)) << 18) | rand, 12)
+
+
+def derived_id(prefix: str, *parts: str) -> str:
+    """A stable aggregate id for a natural key that may not be a valid id itself (a group
+    name with spaces, an alert's channel + target + source event): same parts, same id."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=15).digest()
+    return prefix + b32(int.from_bytes(digest, "big"), 24)
 
 
 def valid_id(value: str) -> bool:

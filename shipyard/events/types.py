@@ -389,6 +389,64 @@ class TaskFinished(EventData, frozen=True, kw_only=True):
     run_id: str = ""
 
 
+@register
+class TaskEscalated(EventData, frozen=True, kw_only=True):
+    """The task was handed to another agent: ``task_id`` is the new task, dispatched with
+    ``escalated_from`` naming this one."""
+
+    TYPE: ClassVar[str] = "task_escalated"
+    AGGREGATE: ClassVar[str] = "task"
+
+    task_id: str
+    to_agent: str
+    from_agent: str = ""
+    note: str = ""
+    automatic: bool = False  # by the escalation policy, not by a person
+    run_id: str = ""  # the failed run it escalates from
+
+
+# --- groups: tasks dispatched to run in parallel -----------------------------------------
+
+
+@register
+class GroupFinished(EventData, frozen=True, kw_only=True):
+    """Every task of a ``group`` has finished: the group's merged outcome, recorded once."""
+
+    TYPE: ClassVar[str] = "group_finished"
+    AGGREGATE: ClassVar[str] = "group"
+
+    group: str
+    tasks: list[str]
+    succeeded: list[str] = []
+    failed: list[str] = []
+    cancelled: list[str] = []
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed and not self.cancelled
+
+
+# --- alerts: deliveries to the outside world, each recorded once --------------------------
+
+
+@register
+class AlertDelivered(EventData, frozen=True, kw_only=True):
+    """An alert about ``source_event`` reached ``target`` on ``channel`` (telegram, webhook).
+
+    The aggregate id is derived from (channel, target, source event), and the append is
+    create-only, so an alert is recorded — and therefore sent — once however many
+    instances try.
+    """
+
+    TYPE: ClassVar[str] = "alert_delivered"
+    AGGREGATE: ClassVar[str] = "alert"
+
+    channel: str
+    target: str
+    source_event: str
+    kind: str = ""
+
+
 # --- agent comms: messages in threads ----------------------------------------------------
 
 
