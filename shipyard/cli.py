@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from shipyard import __version__, console, demo, instance, runtime
 from shipyard import settings as settings_mod
 from shipyard.errors import CommandRejected, NotRunning, ShipyardError
-from shipyard.events import commands, text
+from shipyard.events import commands, rework, text
 from shipyard.events.dispatch import MAX_DISPATCH_BYTES
 from shipyard.events.envelope import aggregate_subject, valid_id
 from shipyard.events.log import ALL_EVENTS, EventLog, connect
@@ -118,6 +118,40 @@ def build_parser() -> argparse.ArgumentParser:
     _common(retry)
     retry.add_argument("task_id", metavar="ID", help="the task id (t-…)")
     retry.set_defaults(func=cmd_retry)
+
+    escalate = sub.add_parser(
+        "escalate",
+        help="hand a failed task to another agent",
+        description=(
+            "Make a new task from a failed or cancelled one, for another agent. Its builder is "
+            "told what went wrong: the attempts, errors, validation output and the tail of the "
+            "builder's log. A task is escalated once; to go further, escalate the new task."
+        ),
+    )
+    _common(escalate)
+    escalate.add_argument("task_id", metavar="ID", help="the failed task's id (t-…)")
+    escalate.add_argument("--to", required=True, metavar="AGENT", help="the agent to hand it to")
+    escalate.add_argument("--note", default="", help="a note for the next builder")
+    escalate.set_defaults(func=cmd_escalate)
+
+    rework = sub.add_parser(
+        "rework",
+        help="write a Fix: dispatch from a failed run, to edit and send",
+        description=(
+            "Print the dispatch protocol's rework request (titled `Fix: …`) for a failed run, "
+            "with Current State (Broken) filled in from the run: the phase it failed in, the "
+            "reason, the error, the failed validation and the builder's last output. Edit it, "
+            "then send it with `shipyard dispatch FILE`."
+        ),
+    )
+    _common(rework)
+    rework.add_argument(
+        "run_id", metavar="RUN_ID|TASK_ID", help="the failed run (r-…), or a task for its last run"
+    )
+    rework.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write it to FILE instead of stdout"
+    )
+    rework.set_defaults(func=cmd_rework)
 
     status = sub.add_parser(
         "status",
@@ -366,6 +400,16 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return _with_nats(args, send)
 
 
+def cmd_escalate(args: argparse.Namespace) -> int:
+    async def send(nc: NATS) -> int:
+        body = {"task_id": args.task_id, "to": args.to, "note": args.note}
+        result = await commands.call(nc, "escalate", body, actor="cli")
+        print(f"{result['task_id']} escalated to {result['agent']} as {result['escalated_to']}")
+        return EXIT_OK
+
+    return _with_nats(args, send)
+
+
 async def _dispatch_demo(nc: NATS, root: Path) -> list[str]:
     ids: dict[str, str] = {}
     for item in demo.tasks(root):
@@ -558,6 +602,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _with_nats(args, show)
+
+
+def cmd_rework(args: argparse.Namespace) -> int:
+    ident = args.run_id
+    if not valid_id(ident):
+        raise ShipyardError(f"{ident!r} is not a run id (r-…) or task id (t-…)")
+
+    async def write(nc: NATS) -> int:
+        if ident.startswith("t-"):
+            task_id, run_id = ident, ""
+        else:
+            found = await query_service.ask(nc, "run", {"run_id": ident})
+            task_id, run_id = found["task_id"], ident
+        trail = await EventLog(nc).history("task", task_id)
+        if not trail:
+            raise ShipyardError(f"no task {task_id} in the event log")
+        body = json.dumps(rework.fix_dispatch(trail, run_id), indent=2, ensure_ascii=False)
+        if args.output:
+            args.output.write_text(body + "\n", encoding="utf-8")
+            print(f"wrote {args.output}; edit it, then: shipyard dispatch {args.output}")
+        else:
+            print(body)
+        return EXIT_OK
+
+    return _with_nats(args, write)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

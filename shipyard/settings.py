@@ -72,12 +72,24 @@ class HandlerSettings(BaseModel):
         default=False, description="keep dependants blocked when a prerequisite fails"
     )
     workdir_roots: list[Path] = Field(default_factory=default_workdir_roots)
+    escalate: dict[str, str] = Field(
+        default_factory=dict,
+        description="on a task's final failure on agent KEY, escalate it to agent VALUE",
+    )
     builder_timeout: float = Field(default=4 * 3600.0, gt=0, description="wall clock per call")
     validate_timeout: float = Field(default=900.0, gt=0)
     result_grace: float = Field(
         default=5.0, gt=0, description="a builder that printed its result must exit by then"
     )
     kill_grace: float = Field(default=3.0, gt=0, description="SIGTERM, then SIGKILL after")
+
+    @field_validator("escalate")
+    @classmethod
+    def _escalate_elsewhere(cls, value: dict[str, str]) -> dict[str, str]:
+        for source, target in value.items():
+            if source == target:
+                raise ValueError(f"escalate: {source} = {target!r} would hand a task to itself")
+        return value
 
     @field_validator("failed_after")
     @classmethod

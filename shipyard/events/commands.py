@@ -27,7 +27,7 @@ from shipyard.errors import (
     ConcurrencyConflict,
     ShipyardError,
 )
-from shipyard.events import comms, dispatch
+from shipyard.events import comms, dispatch, escalation
 from shipyard.events.envelope import make, new_id, valid_id
 from shipyard.events.log import EventLog
 from shipyard.events.tasks import Task, TaskBook
@@ -155,6 +155,21 @@ class Commands:
             return {"task_id": task_id, "state": "queued", "attempt": task.attempt + 1}
         raise CommandRejected(f"task {task_id} keeps changing; try again", code="conflict")
 
+    async def escalate(
+        self, task_id: str, to_agent: str, *, note: str = "", actor: str = ""
+    ) -> dict[str, Any]:
+        """Hand a failed or cancelled task to ``to_agent`` as a new task that knows what
+        went wrong (see :mod:`shipyard.events.escalation`)."""
+        for _ in range(5):
+            task = await self.task(task_id)
+            try:
+                return await escalation.escalate(
+                    self.events, task, to_agent, note=note, actor=actor or "commands"
+                )
+            except ConcurrencyConflict:
+                continue
+        raise CommandRejected(f"task {task_id} keeps changing; try again", code="conflict")
+
     async def _check_references(self, data: TaskDispatched) -> None:
         problems = []
         for tid in data.after:
@@ -204,6 +219,7 @@ class CommandService:
             "dispatch": self._dispatch,
             "cancel": self._cancel,
             "retry": self._retry,
+            "escalate": self._escalate,
             "send": self._send,
             "mark_read": self._mark_read,
         }
@@ -273,6 +289,16 @@ class CommandService:
 
     async def _retry(self, body: bytes, actor: str) -> dict[str, Any]:
         result = await self.commands.retry(_task_args(body)["task_id"], actor=actor)
+        return {"ok": True, "result": result}
+
+    async def _escalate(self, body: bytes, actor: str) -> dict[str, Any]:
+        args = _task_args(body)
+        to, note = args.get("to"), args.get("note", "")
+        if not isinstance(to, str) or not isinstance(note, str):
+            raise CommandRejected(
+                'body: send {"task_id": "t-…", "to": "AGENT", "note": "…"}', code="invalid"
+            )
+        result = await self.commands.escalate(args["task_id"], to, note=note, actor=actor)
         return {"ok": True, "result": result}
 
 

@@ -47,6 +47,10 @@ class Task:
     not_before: datetime | None = None
     reason: str = ""
     pgids: dict[str, int] = field(default_factory=dict)  # host -> builder process group
+    summary: str = ""  # the last run's summary, handed to the tasks that wait for this one
+    files_changed: list[str] = field(default_factory=list)
+    report: str = ""  # path of the last run's HTML report
+    escalated_to: str = ""  # the task this one was escalated to
 
     @property
     def priority_key(self) -> tuple[int, int]:
@@ -61,6 +65,8 @@ class TaskBook:
         self.tasks: dict[str, Task] = {}
         self.handlers: dict[str, datetime] = {}
         self.queued: dict[str, Task] = {}  # tasks in state QUEUED, the only claimable ones
+        self.groups: dict[str, list[str]] = {}  # group name -> its task ids, in dispatch order
+        self.finished_groups: set[str] = set()  # groups whose outcome is recorded
         self.last_seq = 0
 
     def apply(self, event: Event[Any]) -> Task | None:
@@ -79,9 +85,14 @@ class TaskBook:
         if isinstance(data, t.HandlerHeartbeat):
             self.handlers[event.aggregate_id] = event.time
             return None
+        if isinstance(data, t.GroupFinished):
+            self.finished_groups.add(data.group)
+            return None
         if event.aggregate != "task":
             return None
         if isinstance(data, t.TaskDispatched):
+            if data.group:
+                self.groups.setdefault(data.group, []).append(event.aggregate_id)
             task = Task(
                 id=event.aggregate_id,
                 spec=data,
@@ -119,6 +130,9 @@ class TaskBook:
                     task.phase = data.phase
                 elif isinstance(data, t.BuilderStarted):
                     task.pgids[data.host] = data.pgid
+                elif isinstance(data, t.ReportWritten):
+                    task.files_changed = data.files_changed
+                    task.report = data.path
         elif isinstance(data, t.RunStale):
             if data.run_id == task.run_id and task.run_open:
                 task.stale = True
@@ -126,6 +140,9 @@ class TaskBook:
             if data.run_id == task.run_id:
                 task.run_open = False
                 task.reason = data.reason
+                task.summary = data.summary
+        elif isinstance(data, t.TaskEscalated):
+            task.escalated_to = data.task_id
         elif isinstance(data, t.TaskFinished):
             task.state = data.outcome
             task.reason = data.reason
@@ -177,6 +194,31 @@ class TaskBook:
             and not self.waiting_for(task)
         ]
         return sorted(ready, key=lambda task: task.priority_key)
+
+    def group_outcome(self, group: str) -> t.GroupFinished | None:
+        """The group's merged outcome if every task in it has finished, else None."""
+        members = [self.tasks[tid] for tid in self.groups.get(group, ())]
+        if not members or not all(task.state.finished for task in members):
+            return None
+
+        def ids(state: t.TaskState) -> list[str]:
+            return [task.id for task in members if task.state == state]
+
+        return t.GroupFinished(
+            group=group,
+            tasks=[task.id for task in members],
+            succeeded=ids(t.TaskState.SUCCEEDED),
+            failed=ids(t.TaskState.FAILED),
+            cancelled=ids(t.TaskState.CANCELLED),
+        )
+
+    def escalation_chain(self, task: Task) -> list[Task]:
+        """``task`` and the tasks it was escalated from, newest first."""
+        chain, seen = [task], {task.id}
+        while (source := self.tasks.get(chain[-1].spec.escalated_from)) and source.id not in seen:
+            chain.append(source)
+            seen.add(source.id)
+        return chain
 
     def running(self) -> list[Task]:
         return [task for task in self.tasks.values() if task.run_open]

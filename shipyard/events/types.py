@@ -375,6 +375,7 @@ class RunFinished(EventData, frozen=True, kw_only=True):
     summary: str = ""
     phase: Phase | None = None
     error: str = ""
+    log_tail: str = ""  # the builder's last output lines, for whoever picks up a failure
 
 
 @register

@@ -347,6 +347,19 @@ async def post_retry(gw: Gateway, request: Request, who: Principal) -> Response:
     return _json(result)
 
 
+async def post_escalate(gw: Gateway, request: Request, who: Principal) -> Response:
+    body = await body_json(request)
+    if not isinstance(body, dict):
+        raise HTTPError(422, "invalid", 'body: send {"to": "AGENT", "note": "…"}')
+    to, note = body.get("to"), body.get("note", "")
+    if not isinstance(to, str) or not isinstance(note, str):
+        raise HTTPError(422, "invalid", "to and note: must be strings")
+    result = await gw.commands.escalate(
+        request.path_params["task_id"], to, note=note, actor=f"{who.role}:{who.name}"
+    )
+    return _json(result, 201)
+
+
 async def post_message(gw: Gateway, request: Request, who: Principal) -> Response:
     body = await body_json(request)
     if not isinstance(body, dict):
@@ -441,6 +454,7 @@ def create_app(gw: Gateway) -> Starlette:
         r("/api/tasks/{task_id}", READERS, task_detail, ["GET"]),
         r("/api/tasks/{task_id}/cancel", OPERATORS, post_cancel, ["POST"]),
         r("/api/tasks/{task_id}/retry", OPERATORS, post_retry, ["POST"]),
+        r("/api/tasks/{task_id}/escalate", OPERATORS, post_escalate, ["POST"]),
         r("/api/activity", READERS, activity, ["GET"]),
         r("/api/kanban", READERS, kanban, ["GET"]),
         r("/api/agents", READERS, agents, ["GET"]),

@@ -187,6 +187,12 @@ def document(version: str) -> dict[str, Any]:
                 _path("task_id"),
                 errors=(401, 403, 404, 409, 422),
             ),
+            "/api/tasks/{task_id}/escalate": _post(
+                'Hand a failed or cancelled task to another agent: {"to": "AGENT", "note": "…"}',
+                _path("task_id"),
+                created=True,
+                errors=(401, 403, 404, 409, 413, 422),
+            ),
             "/api/activity": _get(
                 "The activity timeline, newest first",
                 limit,

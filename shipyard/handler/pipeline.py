@@ -8,13 +8,14 @@ import logging
 import os
 import shutil
 import socket
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from shipyard.errors import ConcurrencyConflict, ShipyardError
-from shipyard.events import dispatch
+from shipyard.events import dispatch, escalation
 from shipyard.events import types as t
 from shipyard.events.envelope import Event, make, utcnow
 from shipyard.events.log import EventLog
@@ -22,6 +23,7 @@ from shipyard.events.tasks import Task, TaskBook
 from shipyard.handler import report, validate, workspace
 from shipyard.handler.process import BuilderProcess
 from shipyard.handler.runners.base import Invocation, Outcome, Runner, Update
+from shipyard.redact import redact
 from shipyard.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ PERCENT = {
 }
 PROGRESS_EVERY = 10.0  # seconds: at most one progress event this often while things change
 README_FILES = ("README.md", "CLAUDE.md")
+MAX_FILES_SHOWN = 30  # of a prerequisite's changed files, in the next task's CONTEXT
+LOG_TAIL_LINES = 40  # of a failed builder's output, kept in its RunFinished
+LOG_TAIL_LINE_CHARS = 300
 
 
 class Mailroom:
@@ -152,6 +157,7 @@ class Run:
         self._pending_moves: list[t.CardMoved] = []
         self._log_path = settings.data_dir / "logs" / self.task_id / f"{run_id}.log"
         self._log_file: Any = None
+        self._tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
 
     # --- outside control ------------------------------------------------------------
 
@@ -294,7 +300,10 @@ class Run:
         if prereq:
             parts += ["", "## Results of the tasks this one waited for", *prereq]
         if self.spec.escalated_from:
-            parts += ["", "## Escalated from an earlier task", self._escalation_history()]
+            history = await escalation.failure_history(
+                self.events, self.spec.escalated_from, for_task=self.task_id
+            )
+            parts += ["", "## Escalated to you: what went wrong before", history]
         notes = self.mail.unread_for(self.runner.name) if self.mail else []
         if notes:
             parts += ["", "## Messages for you (directives and questions, unread until now)"]
@@ -326,18 +335,18 @@ class Run:
         lines = []
         for tid in self.spec.after:
             dep = self.book.tasks.get(tid)
-            if dep is not None:
-                lines.append(f"- {tid} ({dep.spec.title}): {dep.state} {dep.reason}".rstrip())
+            if dep is None:
+                continue
+            lines.append(f"- {tid} ({dep.spec.title}): {dep.state}")
+            if dep.summary:
+                lines.append(f"  Result: {dep.summary}")
+            if dep.files_changed:
+                shown = ", ".join(dep.files_changed[:MAX_FILES_SHOWN])
+                more = len(dep.files_changed) - MAX_FILES_SHOWN
+                lines.append(f"  Files it changed: {shown}" + (f" and {more} more" * (more > 0)))
+            if dep.report:
+                lines.append(f"  Its report: {dep.report}")
         return lines
-
-    def _escalation_history(self) -> str:
-        dep = self.book.tasks.get(self.spec.escalated_from)
-        if dep is None:
-            return f"Task {self.spec.escalated_from} (no history found)."
-        return (
-            f"Task {dep.id} ({dep.spec.title}) ended {dep.state} after {dep.attempt} "
-            f"attempt(s): {dep.reason or 'no reason recorded'}."
-        )
 
     # 2. PLAN
     async def _plan(self) -> None:
@@ -595,7 +604,8 @@ class Run:
                 reason=reason,
                 summary=summary,
                 phase=failed_phase,
-                error=error[-4000:],
+                error=redact(error[-4000:]),
+                log_tail="" if outcome == t.TaskState.SUCCEEDED else redact("\n".join(self._tail)),
             ),
             fate,
         ]
@@ -766,6 +776,7 @@ class Run:
             await self.heartbeat()
 
     def _log(self, line: str) -> None:
+        self._tail.append(line[:LOG_TAIL_LINE_CHARS])
         if self._log_file is not None:
             self._log_file.write(line + "\n")  # buffered; flushed when each call ends
 

@@ -20,8 +20,9 @@ from typing import Any
 
 from shipyard import demo
 from shipyard.errors import ConcurrencyConflict, ShipyardError
+from shipyard.events import escalation
 from shipyard.events import types as t
-from shipyard.events.envelope import Event, make, new_id, short_id, utcnow
+from shipyard.events.envelope import Event, derived_id, make, new_id, short_id, utcnow
 from shipyard.events.log import EventLog
 from shipyard.events.tasks import Task, TaskBook
 from shipyard.handler import guard
@@ -57,10 +58,11 @@ class Handler:
         }
         self.runs: dict[str, Run] = {}  # task id -> our active run
         self.mail = Mailroom()
-        self._answers: set[asyncio.Task[None]] = set()
+        self._jobs: set[asyncio.Task[None]] = set()  # status answers, aftercare
         self._run_tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._caught_up = asyncio.Event()
+        self._advanced = asyncio.Event()  # set after each event is folded in
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self.launches = 0  # builders this handler started a run for (for tests and bench)
@@ -78,11 +80,22 @@ class Handler:
         await self._caught_up.wait()
         await self._beat()
         await self._reconcile()
+        for group in list(self.book.groups):
+            self._spawn(self._close_group(group))  # groups that ended while no handler ran
         # The watchdog starts after reconciling, so our own old runs are not judged silent.
         self._loops += [
             asyncio.create_task(self._heartbeat_loop(), name="handler-heartbeat"),
             asyncio.create_task(self._watchdog_loop(), name="handler-watchdog"),
         ]
+
+    async def settled(self, seq: int) -> None:
+        """Wait until this handler has folded in the log up to ``seq`` and finished what
+        those events set off (status answers, group outcomes, escalations); not its runs."""
+        while self.book.last_seq < seq:
+            self._advanced.clear()
+            await self._advanced.wait()
+        while self._jobs:
+            await asyncio.wait(set(self._jobs))
 
     async def _reconcile(self) -> None:
         """Runs this handler owned in a previous life cannot be running now: end them (killing
@@ -101,7 +114,7 @@ class Handler:
             run.abort(t.TaskState.FAILED, "handler_stopped")
         if self._run_tasks:
             await asyncio.wait(self._run_tasks, timeout=self.hs.kill_grace + 10)
-        jobs = [*self._loops, *self._answers]
+        jobs = [*self._loops, *self._jobs]
         for job in jobs:
             job.cancel()
         if jobs:
@@ -121,14 +134,15 @@ class Handler:
                     and data.type == t.MessageType.STATUS_REQUEST
                     and data.task_id
                 ):
-                    answer = asyncio.create_task(self._answer_status(event))
-                    self._answers.add(answer)
-                    answer.add_done_callback(self._answers.discard)
+                    self._spawn(self._answer_status(event))
             task = self.book.apply(event)
             if task is not None:
                 self._react(event, task)
+                if self._caught_up.is_set() and isinstance(event.data, t.TaskFinished):
+                    self._spawn(self._aftercare(task, event.data))
                 if isinstance(event.data, _WAKING):
                     self._wake.set()
+            self._advanced.set()
             if not self._caught_up.is_set() and event.seq >= target:
                 self._caught_up.set()
                 self._wake.set()
@@ -147,6 +161,52 @@ class Handler:
         ):
             # Another handler's watchdog ended our run: stop the builder now.
             run.abort(data.outcome, data.reason)
+
+    def _spawn(self, job: Any) -> None:
+        task = asyncio.create_task(job)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    # --- after a task finished: its group, the escalation policy -----------------
+
+    async def _aftercare(self, task: Task, finished: t.TaskFinished) -> None:
+        """Every handler tries; the guarded appends let exactly one of each land."""
+        try:
+            if task.spec.group:
+                await self._close_group(task.spec.group)
+            if finished.outcome == t.TaskState.FAILED:
+                await self._escalate_by_policy(task)
+        except ShipyardError as e:
+            log.warning("after %s finished: %s", task.id, e, extra={"action": "aftercare"})
+
+    async def _close_group(self, group: str) -> None:
+        if group in self.book.finished_groups:
+            return
+        outcome = self.book.group_outcome(group)
+        if outcome is None:
+            return
+        event = make(outcome, aggregate_id=derived_id("g-", group), actor=self.actor)
+        with contextlib.suppress(ConcurrencyConflict):
+            await self.events.append(event, expect=0)
+            log.info("group %s finished", group, extra={"action": "group_finished"})
+
+    async def _escalate_by_policy(self, task: Task) -> None:
+        target = self.hs.escalate.get(task.agent)
+        if not target or not task.agent or task.escalated_to:
+            return
+        if target in {(t_.agent or t_.spec.agent) for t_ in self.book.escalation_chain(task)}:
+            return  # it has been there already: a policy loop would never end
+        with contextlib.suppress(ConcurrencyConflict):
+            result = await escalation.escalate(
+                self.events, task, target, automatic=True, actor=self.actor
+            )
+            log.info(
+                "escalated %s to %s as %s",
+                task.id,
+                target,
+                result["escalated_to"],
+                extra={"action": "escalate"},
+            )
 
     # --- claiming -------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "messages": ("message_id",),
     "message_reads": ("message_id", "reader"),
     "threads": ("thread_id",),
+    "groups": ("group_name",),
 }
 PHASES = list(t.Phase)
 QUIET = frozenset(
@@ -88,6 +89,10 @@ class Batch:
         self._load("handlers", "handler_id", sorted(set(handlers)))
         threads = {e.aggregate_id for e in events if isinstance(e.data, t.MessageSent)}
         self._load("threads", "thread_id", sorted(threads))
+        groups = {
+            e.data.group for e in events if isinstance(e.data, t.TaskDispatched | t.GroupFinished)
+        }
+        self._load("groups", "group_name", sorted(g for g in groups if g))
         read = {e.data.message_id for e in events if isinstance(e.data, t.MessageRead)}
         self._load("message_reads", "message_id", sorted(read))  # the first receipt stands
 
@@ -161,6 +166,7 @@ def _dispatched(b: Batch, e: Event[Any], d: t.TaskDispatched, at: datetime) -> N
             "after_ids": list(d.after),
             "working_dir": d.working_dir,
             "escalated_from": d.escalated_from,
+            "escalated_to": "",
             "rework": d.rework,
             "state": t.TaskState.QUEUED.value,
             "attempt": 1,
@@ -173,6 +179,39 @@ def _dispatched(b: Batch, e: Event[Any], d: t.TaskDispatched, at: datetime) -> N
             "last_seq": e.seq,
         },
     )
+
+    if d.group:
+        group = b.get("groups", d.group) or b.put(
+            "groups",
+            {
+                "group_name": d.group,
+                "tasks": [],
+                "succeeded": [],
+                "failed": [],
+                "state": "running",
+                "started_at": at,
+                "finished_at": None,
+            },
+        )
+        group["tasks"] = [*group["tasks"], e.aggregate_id]
+
+
+def _group_finished(b: Batch, e: Event[Any], d: t.GroupFinished, at: datetime) -> None:
+    group = b.get("groups", d.group)
+    if group is not None:
+        group.update(
+            tasks=list(d.tasks),
+            succeeded=list(d.succeeded),
+            failed=[*d.failed, *d.cancelled],
+            state="passed" if d.passed else "failed",
+            finished_at=at,
+        )
+
+
+def _escalated(b: Batch, e: Event[Any], d: t.TaskEscalated, at: datetime) -> None:
+    task = _task(b, e, at)
+    if task is not None:
+        task["escalated_to"] = d.task_id
 
 
 def _task(b: Batch, e: Event[Any], at: datetime) -> Row | None:
@@ -530,4 +569,6 @@ _APPLY: dict[type, Any] = {
     t.DispatchRejected: _rejected,
     t.MessageSent: _message,
     t.MessageRead: _message_read,
+    t.TaskEscalated: _escalated,
+    t.GroupFinished: _group_finished,
 }

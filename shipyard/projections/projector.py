@@ -64,7 +64,21 @@ class ReadModels:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.con = duckdb.connect(self.path)
+        if self._schema_changed(self.con):
+            # Read models are derived: a file made with another schema is rebuilt from the log.
+            log.info(
+                "read models in %s have an older layout; rebuilding them from the event log",
+                self.path,
+                extra={"action": "schema_rebuild"},
+            )
+            self.con.close()
+            for suffix in ("", ".wal"):
+                Path(self.path + suffix).unlink(missing_ok=True)
+            self.con = duckdb.connect(self.path)
         self.con.execute(sql.schema())
+        self.con.execute("CREATE TABLE IF NOT EXISTS schema_info (fingerprint VARCHAR NOT NULL)")
+        self.con.execute("DELETE FROM schema_info")
+        self.con.execute("INSERT INTO schema_info VALUES (?)", [sql.fingerprint()])
         for table in [*KEYS, "activity"]:
             cols = self.con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
@@ -72,6 +86,15 @@ class ReadModels:
                 [table],
             ).fetchall()
             self.columns[table] = [c[0] for c in cols]
+
+    def _schema_changed(self, con: duckdb.DuckDBPyConnection) -> bool:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        if not tables:
+            return False
+        if "schema_info" not in tables:
+            return True
+        row = con.execute("SELECT fingerprint FROM schema_info").fetchone()
+        return row is None or row[0] != sql.fingerprint()
 
     async def open(self) -> None:
         await self.run(self.open_sync)

@@ -132,6 +132,7 @@ class TaskRow(msgspec.Struct, frozen=True):
     after: list[str]
     working_dir: str
     escalated_from: str
+    escalated_to: str
     rework: bool
     state: str
     attempt: int
@@ -171,6 +172,21 @@ class Card(msgspec.Struct, frozen=True):
     agent: str
     updated_at: datetime
     parent: str
+
+
+class GroupCard(msgspec.Struct, frozen=True):
+    """Tasks run in parallel under one ``group``: progress while running, then the outcome."""
+
+    group: str
+    state: str  # running, passed, failed
+    total: int
+    succeeded: int
+    failed: int
+    running: int
+    failed_tasks: list[str]
+    tasks: list[str]
+    started_at: datetime
+    finished_at: datetime | None
 
 
 class AgentRow(msgspec.Struct, frozen=True):
@@ -321,6 +337,16 @@ def kanban(con: duckdb.DuckDBPyConnection, *, since: datetime | None = None) -> 
     if floor.tzinfo is not None:
         floor = floor.astimezone(UTC).replace(tzinfo=None)
     return _rows(con, "kanban", {"since": floor}, Card)
+
+
+def groups(
+    con: duckdb.DuckDBPyConnection, *, since: datetime | None = None, limit: int = 50
+) -> list[GroupCard]:
+    """Running groups and those finished since ``since``, running first, newest first."""
+    floor = since or datetime(1970, 1, 1)
+    if floor.tzinfo is not None:
+        floor = floor.astimezone(UTC).replace(tzinfo=None)
+    return _rows(con, "groups", {"since": floor, "limit": max(1, min(limit, 500))}, GroupCard)
 
 
 def agents(con: duckdb.DuckDBPyConnection) -> list[AgentRow]:

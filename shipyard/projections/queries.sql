@@ -46,7 +46,7 @@ FROM validations WHERE run_id = $run_id ORDER BY round;
 
 -- name: task
 SELECT task_id, title, dispatcher, priority, task_type, agent, group_name, after_ids,
-       working_dir, escalated_from, rework, state, attempt, run_id, reason,
+       working_dir, escalated_from, escalated_to, rework, state, attempt, run_id, reason,
        cancel_requested, created_at, updated_at
 FROM tasks WHERE task_id = $task_id;
 
@@ -55,7 +55,7 @@ SELECT run_id FROM runs WHERE task_id = $task_id ORDER BY attempt, started_at;
 
 -- name: tasks
 SELECT t.task_id, t.title, t.dispatcher, t.priority, t.task_type, t.agent, t.group_name,
-       t.after_ids, t.working_dir, t.escalated_from, t.rework,
+       t.after_ids, t.working_dir, t.escalated_from, t.escalated_to, t.rework,
        CASE WHEN t.state = 'queued' AND EXISTS (
                 SELECT 1 FROM unnest(t.after_ids) AS a(id)
                 LEFT JOIN tasks p ON p.task_id = a.id
@@ -160,4 +160,25 @@ SELECT thread_id, started_by, first_body, task_id, participants, messages, start
 FROM threads
 WHERE ($agent = '' OR list_contains(participants, $agent) OR list_contains(participants, '*'))
 ORDER BY last_at DESC
+LIMIT $limit;
+
+-- name: groups
+-- A running group counts its tasks live; a finished one shows the outcome recorded for it.
+SELECT g.group_name, g.state, len(g.tasks) AS total,
+       CASE WHEN g.finished_at IS NULL
+            THEN count(t.task_id) FILTER (WHERE t.state = 'succeeded')
+            ELSE len(g.succeeded) END AS succeeded,
+       CASE WHEN g.finished_at IS NULL
+            THEN count(t.task_id) FILTER (WHERE t.state IN ('failed', 'cancelled'))
+            ELSE len(g.failed) END AS failed,
+       count(t.task_id) FILTER (WHERE t.state = 'running') AS running,
+       CASE WHEN g.finished_at IS NULL
+            THEN coalesce(list(t.task_id ORDER BY t.created_seq)
+                          FILTER (WHERE t.state IN ('failed', 'cancelled')), [])
+            ELSE g.failed END AS failed_tasks,
+       g.tasks, g.started_at, g.finished_at
+FROM groups g LEFT JOIN tasks t ON t.task_id IN (SELECT unnest(g.tasks))
+WHERE g.finished_at IS NULL OR g.finished_at >= $since
+GROUP BY g.group_name, g.state, g.tasks, g.succeeded, g.failed, g.started_at, g.finished_at
+ORDER BY g.finished_at IS NOT NULL, g.started_at DESC
 LIMIT $limit;

@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     after_ids       VARCHAR[] NOT NULL,
     working_dir     VARCHAR NOT NULL,
     escalated_from  VARCHAR NOT NULL,
+    escalated_to    VARCHAR NOT NULL,      -- the task this one was handed on to
     rework          BOOLEAN NOT NULL,
     state           VARCHAR NOT NULL,      -- queued, running, succeeded, failed, cancelled
     attempt         INTEGER NOT NULL,
@@ -191,4 +192,16 @@ CREATE TABLE IF NOT EXISTS threads (
     messages    BIGINT NOT NULL,
     started_at  TIMESTAMP NOT NULL,
     last_at     TIMESTAMP NOT NULL
+);
+
+-- Tasks dispatched with the same `group`, run in parallel; the outcome is set once, when the
+-- last of them has finished (group_finished).
+CREATE TABLE IF NOT EXISTS groups (
+    group_name      VARCHAR PRIMARY KEY,
+    tasks           VARCHAR[] NOT NULL,
+    succeeded       VARCHAR[] NOT NULL,
+    failed          VARCHAR[] NOT NULL,    -- failed or cancelled
+    state           VARCHAR NOT NULL,      -- running, passed, failed
+    started_at      TIMESTAMP NOT NULL,
+    finished_at     TIMESTAMP
 );

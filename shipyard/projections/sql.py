@@ -6,6 +6,7 @@ line is that statement.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import cache
 from pathlib import Path
@@ -17,6 +18,12 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 @cache
 def schema() -> str:
     return (HERE / "schema.sql").read_text()
+
+
+@cache
+def fingerprint() -> str:
+    """Changes whenever the schema does, so an older read-model file is rebuilt."""
+    return hashlib.sha256(schema().encode()).hexdigest()[:16]
 
 
 @cache
