@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -14,14 +15,15 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 
-from shipyard import __version__, console, demo, instance, runtime
+from shipyard import __version__, console, demo, instance, integrations, runtime
 from shipyard import settings as settings_mod
 from shipyard.errors import CommandRejected, NotRunning, ShipyardError
 from shipyard.events import commands, rework, text
 from shipyard.events.dispatch import MAX_DISPATCH_BYTES
 from shipyard.events.envelope import aggregate_subject, valid_id
 from shipyard.events.log import ALL_EVENTS, EventLog, connect
-from shipyard.gateway.auth import TokenStore
+from shipyard.gateway import client
+from shipyard.gateway.auth import Role, TokenStore
 from shipyard.projections import replay
 from shipyard.projections import service as query_service
 from shipyard.settings import Settings
@@ -245,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     inbox.add_argument("--unread", action="store_true", help="only unread messages")
     inbox.add_argument("--mark-read", action="store_true", help="mark what is shown as read")
     inbox.add_argument("--json", action="store_true", help="print JSON")
+    inbox.add_argument(
+        "--hook",
+        action="store_true",
+        help=(
+            "for Claude Code's SessionStart hook: print the unread messages as the session's "
+            "extra context, mark them read, and never fail the session"
+        ),
+    )
     inbox.set_defaults(func=cmd_inbox)
 
     thread = sub.add_parser(
@@ -266,6 +276,70 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(demo_cmd)
     demo_cmd.set_defaults(func=cmd_demo)
+
+    init = sub.add_parser(
+        "init",
+        help="set up an agent to work with Shipyard (claude, openclaw)",
+        description="Write what an agent needs to know Shipyard, merged into what is there.",
+    )
+    init_sub = init.add_subparsers(dest="init_command", metavar="AGENT", required=True)
+    claude = init_sub.add_parser(
+        "claude",
+        help="CLAUDE.md block, SessionStart inbox hook and MCP server for a project",
+        description=(
+            "Write into a project: a CLAUDE.md block on the dispatch protocol and comms, a "
+            "SessionStart hook in .claude/settings.json that puts unread messages into each "
+            "session (merged, never clobbering), and the `shipyard mcp` server in .mcp.json. "
+            "The agent's token is kept in the data directory, not in the project."
+        ),
+    )
+    _common(claude)
+    claude.add_argument("dir", nargs="?", type=Path, default=Path("."), metavar="DIR")
+    claude.add_argument("--agent", default="claude", help="the agent's name (default claude)")
+    claude.add_argument(
+        "--dispatcher",
+        action="store_true",
+        help="give it a dispatcher token (may dispatch and escalate), not a builder's",
+    )
+    claude.add_argument("--new-token", action="store_true", help="replace its saved token")
+    claude.set_defaults(func=cmd_init_claude)
+    openclaw = init_sub.add_parser(
+        "openclaw",
+        help="an OpenClaw skill that dispatches to Shipyard",
+        description=(
+            "Write the `shipyard` AgentSkills folder (SKILL.md) that teaches OpenClaw to "
+            "dispatch with the four sections, check status, answer its inbox and escalate."
+        ),
+    )
+    _common(openclaw)
+    openclaw.add_argument(
+        "dir",
+        nargs="?",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="skills directory (default ~/.openclaw/skills)",
+    )
+    openclaw.add_argument(
+        "--dispatcher", default="openclaw", help="the name it dispatches as (default openclaw)"
+    )
+    openclaw.set_defaults(func=cmd_init_openclaw)
+
+    mcp = sub.add_parser(
+        "mcp",
+        help="an MCP server on stdio for an agent (messages, inbox, status, dispatch)",
+        description=(
+            "Serve the Model Context Protocol on stdin/stdout with tools to send a message, "
+            "read the inbox, reply, check a task and — with a dispatcher token — dispatch and "
+            "escalate. It talks to the gateway with SHIPYARD_URL and SHIPYARD_TOKEN, else the "
+            "running instance and the token `shipyard init claude` saved."
+        ),
+    )
+    _common(mcp)
+    mcp.add_argument(
+        "--agent", default="", help="who it speaks for (default $SHIPYARD_AGENT, else claude)"
+    )
+    mcp.set_defaults(func=cmd_mcp)
 
     token = sub.add_parser(
         "token",
@@ -451,6 +525,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _show(done: integrations.Written) -> None:
+    for path, what in done.files:
+        print(f"  {path}: {what}")
+    for note in done.notes:
+        print(f"  {note}")
+
+
+def cmd_init_claude(args: argparse.Namespace) -> int:
+    cfg = _settings(args)
+    if not valid_id(args.agent):
+        raise ShipyardError(f"{args.agent!r} is not an agent name (letters, digits, - and _)")
+    role: Role = "dispatcher" if args.dispatcher else "builder"
+    done = integrations.init_claude(
+        args.dir.resolve(), agent=args.agent, data_dir=cfg.data_dir, role=role, renew=args.new_token
+    )
+    print(f"Claude Code in {args.dir.resolve()} now works with Shipyard as {args.agent}:")
+    _show(done)
+    return EXIT_OK
+
+
+def cmd_init_openclaw(args: argparse.Namespace) -> int:
+    cfg = _settings(args)
+    if not valid_id(args.dispatcher):
+        raise ShipyardError(f"{args.dispatcher!r} is not a name (letters, digits, - and _)")
+    where = (args.dir or integrations.default_skills_dir()).expanduser().resolve()
+    done = integrations.init_openclaw(where, dispatcher=args.dispatcher, data_dir=cfg.data_dir)
+    print(f"OpenClaw skill written for dispatcher {args.dispatcher}:")
+    _show(done)
+    return EXIT_OK
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    cfg = _settings(args)
+    agent = args.agent or os.environ.get("SHIPYARD_AGENT", "") or "claude"
+    if not valid_id(agent):
+        raise ShipyardError(f"{agent!r} is not an agent name (letters, digits, - and _)")
+    url, token = client.locate(cfg.data_dir, agent)
+    from shipyard.gateway import mcp  # the MCP library is slow to import: only when needed
+
+    asyncio.run(mcp.serve(client.Api(url, token), agent))
+    return EXIT_OK
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
     cfg = _settings(args)
     token = TokenStore(cfg.data_dir).create(args.role, args.name or args.role)
@@ -478,6 +595,9 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_inbox(args: argparse.Namespace) -> int:
+    if args.hook:
+        return _inbox_hook(args)
+
     async def go(nc: NATS) -> int:
         ask = {"agent": args.agent, "unread": args.unread, **await _freshness(nc, True)}
         result = await query_service.ask(nc, "inbox", ask)
@@ -500,6 +620,34 @@ def cmd_inbox(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _with_nats(args, go)
+
+
+def _inbox_hook(args: argparse.Namespace) -> int:
+    """Claude Code adds ``additionalContext`` to the session. Whatever goes wrong here, the
+    session must still start: problems go to stderr and the exit status stays 0."""
+
+    async def go(nc: NATS) -> int:
+        ask = {"agent": args.agent, "unread": True, **await _freshness(nc, True)}
+        result = await query_service.ask(nc, "inbox", ask)
+        messages = [m for m in result["messages"] if not m["read"]]
+        if not messages:
+            return EXIT_OK
+        by_thread: dict[str, list[str]] = {}
+        for m in messages:
+            by_thread.setdefault(m["thread_id"], []).append(m["message_id"])
+        for thread_id, ids in by_thread.items():
+            body = {"reader": args.agent, "thread_id": thread_id, "message_ids": ids}
+            await commands.call(nc, "mark_read", body)
+        context = console.inbox_context(args.agent, messages)
+        hook = {"hookEventName": "SessionStart", "additionalContext": context}
+        print(json.dumps({"hookSpecificOutput": hook}))
+        return EXIT_OK
+
+    try:
+        return _with_nats(args, go)
+    except Exception as e:  # a hook must never stop the session
+        print(f"shipyard inbox --hook: {e}", file=sys.stderr)
+        return EXIT_OK
 
 
 def cmd_thread(args: argparse.Namespace) -> int:

@@ -133,3 +133,20 @@ def thread(messages: list[dict[str, Any]]) -> str:
         readers = ", ".join(m["read_by"]) or "nobody yet"
         lines.append(_message_line(m) + f"\n    read by {readers}")
     return "\n".join(lines)
+
+
+def inbox_context(agent: str, messages: list[dict[str, Any]]) -> str:
+    """Unread messages as context for an agent's session, with how to answer them."""
+    lines = [f"Shipyard: {len(messages)} unread message(s) for {agent} (now marked read)."]
+    for m in messages:
+        about = f" about task {m['task_id']}" if m.get("task_id") else ""
+        lines.append(
+            f"- [{m['type']}] from {m['sender']}{about} (message {m['message_id']}, "
+            f"thread {m['thread_id']}): {m['body']}"
+        )
+    lines.append(
+        f"Answer with: shipyard send --from {agent} --to SENDER --type comment "
+        '--thread THREAD --reply-to MESSAGE "…" (or the shipyard MCP tool `reply`). '
+        "Directives are instructions from whoever dispatched your work; questions want an answer."
+    )
+    return "\n".join(lines)

@@ -17,6 +17,10 @@ _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COO
 _extra: set[str] = set()
 
 
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name))
+
+
 def add_secret(value: str) -> None:
     """Redact ``value`` from now on (a token from a settings file, say)."""
     if len(value) >= MIN_SECRET:
@@ -25,7 +29,7 @@ def add_secret(value: str) -> None:
 
 def secrets(env: Mapping[str, str] = os.environ) -> list[str]:
     """The values to hide, longest first so a secret containing another is hidden whole."""
-    found = {v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= MIN_SECRET}
+    found = {v for k, v in env.items() if is_secret_name(k) and len(v) >= MIN_SECRET}
     return sorted(found | _extra, key=len, reverse=True)
 
 

@@ -7,11 +7,14 @@ kept in ``<data dir>/admin.token``. ``shipyard token create --role viewer`` make
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,20 +64,42 @@ class TokenStore:
             self._entries = json.loads(self.path.read_text() or "{}")
             self._mtime = mtime
 
-    def create(self, role: Role, name: str, token: str | None = None) -> str:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Handlers and the gateway may write at once: read, change and write under a lock."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / (TOKENS_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._mtime = -1.0
+            self._load()
+            yield
+            now = datetime.now(UTC).isoformat()
+            self._entries = {
+                k: v for k, v in self._entries.items() if v.get("expires", "9999") > now
+            }
+            _write_private(self.path, json.dumps(self._entries, indent=2))
+            self._mtime = -1.0
+        finally:
+            os.close(fd)
+
+    def create(
+        self, role: Role, name: str, token: str | None = None, *, expires: datetime | None = None
+    ) -> str:
+        """A new token for ``name`` in ``role``; with ``expires``, it stops working then."""
         if role not in ROLES:
             raise ConfigError(f"unknown role {role!r}: choose from {', '.join(ROLES)}")
-        self._load()
         token = token or "sy_" + secrets.token_urlsafe(24)
-        self._entries[_digest(token)] = {
-            "role": role,
-            "name": name,
-            "created": datetime.now(UTC).isoformat(),
-        }
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        _write_private(self.path, json.dumps(self._entries, indent=2))
-        self._mtime = -1.0
+        entry = {"role": role, "name": name, "created": datetime.now(UTC).isoformat()}
+        if expires is not None:
+            entry["expires"] = expires.astimezone(UTC).isoformat()
+        with self._locked():
+            self._entries[_digest(token)] = entry
         return token
+
+    def revoke(self, token: str) -> None:
+        with self._locked():
+            self._entries.pop(_digest(token), None)
 
     def check(self, token: str) -> Principal | None:
         """The principal for ``token``, compared in constant time; None if unknown."""
@@ -85,8 +110,10 @@ class TokenStore:
         found = None
         for digest, entry in self._entries.items():
             if hmac.compare_digest(digest, wanted):
-                found = Principal(entry["name"], entry["role"])  # type: ignore[arg-type]
-        return found
+                found = entry
+        if found is None or found.get("expires", "9999") <= datetime.now(UTC).isoformat():
+            return None
+        return Principal(found["name"], found["role"])  # type: ignore[arg-type]
 
     def admin_token(self, env_token: str = "") -> str:
         """The admin token: from the environment, else the one kept in the data dir, else new."""

@@ -14,16 +14,18 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from shipyard import instance
 from shipyard.errors import ConcurrencyConflict, ShipyardError
 from shipyard.events import dispatch, escalation
 from shipyard.events import types as t
 from shipyard.events.envelope import Event, make, utcnow
 from shipyard.events.log import EventLog
 from shipyard.events.tasks import Task, TaskBook
+from shipyard.gateway.auth import TokenStore
 from shipyard.handler import report, validate, workspace
 from shipyard.handler.process import BuilderProcess
 from shipyard.handler.runners.base import Invocation, Outcome, Runner, Update
-from shipyard.redact import redact
+from shipyard.redact import is_secret_name, redact
 from shipyard.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,7 @@ class Run:
         self._log_path = settings.data_dir / "logs" / self.task_id / f"{run_id}.log"
         self._log_file: Any = None
         self._tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self._token = ""  # the builder's token for messaging, for this run only
 
     # --- outside control ------------------------------------------------------------
 
@@ -271,6 +274,8 @@ class Run:
             if self._builder is not None:
                 await self._builder.kill()
             self._log_file.close()
+            if self._token:
+                await asyncio.to_thread(TokenStore(self.settings.data_dir).revoke, self._token)
 
     async def _skip_rest(self, failed: t.Phase) -> None:
         for phase in (P.PLAN, P.TASK_BOARD, P.BUILD, P.VALIDATE, P.HEAL):
@@ -650,10 +655,18 @@ class Run:
                 "not on PATH; install it, or set `binary`/`command` for this agent in "
                 "shipyard.toml",
             )
+        # The handler's own secrets (admin token, bot token, NATS password) stay with it.
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if not (k.startswith("SHIPYARD_") and is_secret_name(k))
+        }
+        env = self.runner.env(inv, base)
+        env.update(await asyncio.to_thread(self._comms_env))
         proc = BuilderProcess(
             argv,
             cwd=self.workdir,
-            env=self.runner.env(inv, dict(os.environ)),
+            env=env,
             grace=self.hs.kill_grace,
         )
         try:
@@ -767,6 +780,22 @@ class Run:
         self.progress.percent = max(
             self.progress.percent, PERCENT[P.BUILD] + span * done // max(1, len(self.cards))
         )
+
+    def _comms_env(self) -> dict[str, str]:
+        """Who the builder is, and — when this data dir's gateway runs — its address and a
+        builder-role token valid for this run only: the builder may message as its agent,
+        never dispatch or append phases."""
+        env = {"SHIPYARD_AGENT": self.runner.name}
+        info = instance.read_info(self.settings.data_dir) or {}
+        url = self.settings.gateway.public_url or info.get("gateway_url", "")
+        if not url or not info.get("gateway_url"):
+            return env
+        if not self._token:
+            expires = utcnow() + timedelta(seconds=self.hs.builder_timeout * 3)
+            store = TokenStore(self.settings.data_dir)
+            self._token = store.create("builder", self.runner.name, expires=expires)
+        env.update(SHIPYARD_URL=url.rstrip("/"), SHIPYARD_TOKEN=self._token)
+        return env
 
     async def _maybe_progress(self) -> None:
         now = asyncio.get_running_loop().time()
