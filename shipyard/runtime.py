@@ -23,6 +23,7 @@ from shipyard.events.commands import Commands, CommandService
 from shipyard.events.envelope import short_id, valid_id
 from shipyard.events.log import EventLog, connect
 from shipyard.gateway.server import GatewayService
+from shipyard.gateway.webhook import OpenClawReporter
 from shipyard.handler.service import Handler
 from shipyard.projections.projector import DB_FILE, Projector, ReadModels
 from shipyard.projections.service import QueryService
@@ -31,7 +32,8 @@ from shipyard.settings import Settings
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 5.0  # seconds to flush and unsubscribe at shutdown
-ROLES = ("projector", "commands", "handler", "gateway")  # every role this release can run
+# Every role this release can run; openclaw runs only when its hooks_url is set.
+ROLES = ("projector", "commands", "handler", "gateway", "openclaw")
 DEFAULT_ROLES = ROLES
 
 
@@ -71,6 +73,10 @@ async def _start_roles(
         services.append(gateway)
         info["dashboard"] = gateway.login_url
         info["gateway_url"] = gateway.url
+    if "openclaw" in roles and settings.openclaw.hooks_url:
+        reporter = OpenClawReporter(events, settings)
+        await reporter.start()
+        services.append(reporter)
 
 
 class _Closing:

@@ -114,6 +114,37 @@ class GatewaySettings(BaseModel):
     )
 
 
+class OpenClawSettings(BaseModel):
+    """``[openclaw]`` in shipyard.toml: report back to OpenClaw's hooks endpoint when a task it
+    dispatched ends, goes STALE or fails."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hooks_url: str = Field(default="", description="e.g. http://127.0.0.1:18789/hooks; empty: off")
+    token: str = Field(default="", description="the hooks token (better: SHIPYARD_OPENCLAW_TOKEN)")
+    agent_id: str = Field(default="main", description="agentId: which OpenClaw agent is told")
+    dispatchers: list[str] = Field(
+        default_factory=lambda: ["openclaw"], description="report tasks dispatched by these names"
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="more fields for every request body (deliver, channel…)"
+    )
+    horizon: float = Field(
+        default=86400.0, gt=0, description="after a restart, report what was missed this far back"
+    )
+    max_attempts: int = Field(default=10, ge=1, le=100)
+    backoff: float = Field(default=1.0, gt=0, description="first retry delay; doubles each time")
+    max_backoff: float = Field(default=300.0, gt=0)
+    timeout: float = Field(default=10.0, gt=0, description="seconds per request")
+
+    @field_validator("hooks_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -128,6 +159,7 @@ class Settings(BaseModel):
     handler: HandlerSettings = Field(default_factory=HandlerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     agents: dict[str, AgentSettings] = Field(default_factory=default_agents)
+    openclaw: OpenClawSettings = Field(default_factory=OpenClawSettings)
 
     @field_validator("nats_url", mode="before")
     @classmethod
@@ -202,6 +234,17 @@ def load(
             gateway_env[field] = env[ENV_PREFIX + name]
     if gateway_env:
         values["gateway"] = {**values.get("gateway", {}), **gateway_env}
+    openclaw_env = {
+        field: env[ENV_PREFIX + name]
+        for name, field in (
+            ("OPENCLAW_HOOKS_URL", "hooks_url"),
+            ("OPENCLAW_TOKEN", "token"),
+            ("OPENCLAW_AGENT_ID", "agent_id"),
+        )
+        if env.get(ENV_PREFIX + name)
+    }
+    if openclaw_env:
+        values["openclaw"] = {**values.get("openclaw", {}), **openclaw_env}
     values.update(flags)
     values["data_dir"] = Path(values.get("data_dir", data_dir)).expanduser()
     try:

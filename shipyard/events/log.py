@@ -17,8 +17,10 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -90,6 +92,10 @@ async def connect(
             f"could not connect to NATS at {shown}: {e or type(e).__name__}. "
             "Check that the server runs and the URL is right."
         ) from e
+
+
+class _Stamp(msgspec.Struct):
+    time: datetime
 
 
 def stream_config(replicas: int = 1) -> StreamConfig:
@@ -238,6 +244,27 @@ class EventLog:
         except nats.js.errors.NotFoundError as e:
             raise StreamMissing() from e
         return int(info.state.last_seq)
+
+    async def seq_at(self, when: datetime) -> int:
+        """The sequence of the first event at or after ``when`` (one past the last if none):
+        where to start reading "since then" without scanning the log."""
+        info = await self.js.stream_info(self.stream)
+        lo, hi = int(info.state.first_seq or 1), int(info.state.last_seq) + 1
+        # Event times rise along the stream, give or take clock skew between hosts, which
+        # only moves the start by as much.
+        while lo < hi:
+            mid = (lo + hi) // 2
+            try:
+                msg = await self.js.get_msg(self.stream, seq=mid, direct=True)
+            except nats.js.errors.NotFoundError:
+                lo = mid + 1
+                continue
+            stamp = msgspec.json.decode(msg.data or b"{}", type=_Stamp).time
+            if stamp < when:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     async def history(self, aggregate: str, aggregate_id: str) -> list[Event[Any]]:
         """Every event of one aggregate, oldest first."""
