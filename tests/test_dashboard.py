@@ -53,6 +53,10 @@ max_attempts = 1
 kind = "command"
 command = [{python}, {script}, "{{phase}}", "silent"]
 env = {{ SHIPYARD_TEST_LAUNCHES = {launches} }}
+
+[agents.backup]
+kind = "command"
+command = [{python}, {script}, "{{phase}}", "ok"]
 """
 
 
@@ -96,7 +100,7 @@ async def page(stack: Up) -> AsyncIterator[Any]:
         await browser.close()
 
 
-def demo_body(tmp: Path, name: str, agent: str = "demo", mode: str = "ok") -> str:
+def demo_body(tmp: Path, name: str, agent: str = "demo", mode: str = "ok", group: str = "") -> str:
     work = tmp / "work" / name
     prompt = (
         f"## Task\nBuild {name}\n\n## Requirements\n- Write {name}.txt\n- Document it\n\n"
@@ -111,6 +115,7 @@ def demo_body(tmp: Path, name: str, agent: str = "demo", mode: str = "ok") -> st
             "action_name": f"Build {name}",
             "priority": "normal",
             "agent": agent,
+            **({"group": group} if group else {}),
             "payload": {"prompt": prompt, "dispatcher": "tests", "task_title": f"Build {name}"},
         }
     )
@@ -185,3 +190,35 @@ async def test_the_dispatch_form_shows_every_problem(page: Any) -> None:
     text = await problems.inner_text()
     assert "## Requirements" in text
     assert "## Deliverables" in text
+
+
+async def test_a_group_card_and_an_escalation_chain(page: Any, stack: Up, tmp_path: Path) -> None:
+    """A parallel group shows one card on the Kanban with its merged outcome; a failed task
+    escalated to another agent links both ways in the breakdown."""
+    await page.wait_for_selector("[data-testid=connection][data-state=live]")
+    ok = stack.cli("dispatch", "-", stdin=demo_body(tmp_path, "left", group="release-2"))
+    bad = stack.cli(
+        "dispatch", "-", stdin=demo_body(tmp_path, "right", mode="fail", group="release-2")
+    )
+    assert ok.returncode == 0 and bad.returncode == 0, ok.stderr + bad.stderr
+    failed_id = bad.stdout.strip()
+
+    await page.goto(page.url.split("#")[0] + "#/kanban")
+    card = page.locator("[data-testid=group-card][data-group=release-2]")
+    await card.wait_for()
+    await page.wait_for_selector(
+        "[data-testid=group-card][data-group=release-2][data-state=failed]", timeout=40_000
+    )
+    text = await card.inner_text()
+    assert "1/2 succeeded" in text and "1 failed" in text
+    assert failed_id in text
+    await shot(page, "kanban-group")
+
+    escalated = stack.cli("escalate", failed_id, "--to", "backup", "--note", "Try again.")
+    assert escalated.returncode == 0, escalated.stderr
+    new_id = escalated.stdout.split(" as ")[-1].strip()
+    await page.goto(page.url.split("#")[0] + f"#/?task={new_id}")
+    back = page.locator("[data-testid=task-link]", has_text=failed_id)
+    await back.wait_for()
+    await back.click()
+    await page.locator("[data-testid=task-link]", has_text=new_id).wait_for()

@@ -293,6 +293,12 @@ async def kanban(gw: Gateway, request: Request, who: Principal) -> Response:
     return _json(await db(gw, queries.kanban, since=since))
 
 
+async def groups(gw: Gateway, request: Request, who: Principal) -> Response:
+    # Running groups, and those finished in the last day, like the board they sit above.
+    since = datetime.now(UTC) - timedelta(days=1)
+    return _json(await db(gw, queries.groups, since=since))
+
+
 async def agents(gw: Gateway, request: Request, who: Principal) -> Response:
     return _json(await db(gw, queries.agents))
 
@@ -457,6 +463,7 @@ def create_app(gw: Gateway) -> Starlette:
         r("/api/tasks/{task_id}/escalate", OPERATORS, post_escalate, ["POST"]),
         r("/api/activity", READERS, activity, ["GET"]),
         r("/api/kanban", READERS, kanban, ["GET"]),
+        r("/api/groups", READERS, groups, ["GET"]),
         r("/api/agents", READERS, agents, ["GET"]),
         r("/api/handlers", READERS, handlers, ["GET"]),
         r("/api/threads", READERS, threads, ["GET"]),

@@ -200,6 +200,10 @@ def document(version: str) -> dict[str, Any]:
                 _query("task_id", {"type": "string"}, "only this task"),
             ),
             "/api/kanban": _get("The Kanban board: task cards and their plan-step cards"),
+            "/api/groups": _get(
+                "Parallel groups: running ones with live counts, finished ones (last day) with "
+                "their merged outcome"
+            ),
             "/api/agents": _get("Agents and their runs"),
             "/api/handlers": _get("Handlers and when they were last seen"),
             "/api/threads": _get(

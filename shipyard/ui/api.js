@@ -72,6 +72,7 @@ export const api = {
   task: (taskId) => request("GET", `/api/tasks/${id(taskId)}`),
   activity: (params) => request("GET", "/api/activity", { params }),
   kanban: () => request("GET", "/api/kanban"),
+  groups: () => request("GET", "/api/groups"),
   agents: () => request("GET", "/api/agents"),
   handlers: () => request("GET", "/api/handlers"),
   threads: () => request("GET", "/api/threads"),

@@ -42,6 +42,9 @@ const AFFECTS = {
   message_sent: ["comms"],
   message_read: ["comms", "quiet"],
   handler_heartbeat: ["quiet"],
+  task_escalated: ["kanban"],
+  group_finished: ["kanban"],
+  alert_delivered: ["quiet"],
 };
 
 const $ = (id) => document.getElementById(id);

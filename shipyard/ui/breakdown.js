@@ -204,7 +204,8 @@ export function createBreakdown(backdrop, drawer, { rework }) {
       if (t.working_dir) fact("Working dir", h("span", { class: "mono" }, t.working_dir), t.working_dir, true);
       if (t.group) fact("Group", t.group);
       if (t.after && t.after.length) fact("After", h("span", { class: "mono" }, t.after.join(", ")));
-      if (t.escalated_from) fact("Escalated from", h("span", { class: "mono" }, t.escalated_from));
+      if (t.escalated_from) fact("Escalated from", taskLink(t.escalated_from));
+      if (t.escalated_to) fact("Escalated to", taskLink(t.escalated_to));
       if (!run) fact("Queued", when(t.created_at), full(t.created_at));
     }
     const failure = run && run.state !== "running" && run.state !== "succeeded" && (run.reason || run.error)
@@ -221,6 +222,12 @@ export function createBreakdown(backdrop, drawer, { rework }) {
       task && task.runs.length > 1 ? attempts() : null,
       failure, blockers, summary,
       h("dl", { class: "facts" }, facts));
+  }
+
+  function taskLink(id) {
+    const link = h("button", { type: "button", class: "linklike mono", "data-testid": "task-link" }, id);
+    link.addEventListener("click", () => setParams({ task: id, run: null }));
+    return link;
   }
 
   function attempts() {

@@ -2,7 +2,7 @@
 // task the cards of its plan steps, each with its own small status.
 
 import { api } from "./api.js";
-import { empty, errorNote, h, replace } from "./dom.js";
+import { badge, empty, errorNote, h, replace } from "./dom.js";
 import { ago, full, words } from "./format.js";
 import { openRun } from "./router.js";
 
@@ -12,9 +12,35 @@ function bar(fraction) {
   return h("span", { class: "steps-bar", "aria-hidden": "true" }, fill);
 }
 
+const GROUP_TONE = { running: "info", passed: "ok", failed: "bad" };
+
+function groupCard(group) {
+  const parts = [`${group.succeeded}/${group.total} succeeded`];
+  if (group.failed) parts.push(`${group.failed} failed`);
+  if (group.running) parts.push(`${group.running} running`);
+  const failed = group.failed_tasks.map((id) => {
+    const link = h("button", { type: "button", class: "linklike mono" }, id);
+    link.addEventListener("click", () => openRun("", id));
+    return link;
+  });
+  const verdict = group.state === "running" ? "running" : group.state === "passed" ? "all passed" : "failed";
+  return h("li", null, h("article", {
+    class: "group-card", "data-testid": "group-card", "data-group": group.group, "data-state": group.state,
+  },
+  h("div", { class: "group-card-head" },
+    h("span", { class: "group-chip" }, group.group),
+    badge(verdict, GROUP_TONE[group.state] || "info")),
+  h("p", { class: "group-card-counts" }, parts.join(" · "), bar(group.total ? group.succeeded / group.total : 0)),
+  failed.length ? h("p", { class: "group-card-failed" }, "Failed: ", ...failed.flatMap((el, i) => (i ? [", ", el] : [el]))) : null,
+  h("p", { class: "kanban-meta" }, group.finished_at
+    ? h("time", { datetime: group.finished_at, title: full(group.finished_at) }, `finished ${ago(group.finished_at)}`)
+    : h("time", { datetime: group.started_at, title: full(group.started_at) }, `started ${ago(group.started_at)}`))));
+}
+
 export function createKanban(root) {
   let columns = [];
   let cards = null;
+  let groups = [];
   let error = null;
 
   let asked = 0; // replies to older requests are dropped
@@ -22,9 +48,10 @@ export function createKanban(root) {
   async function refresh() {
     const mine = ++asked;
     try {
-      const fresh = await api.kanban();
+      const [fresh, freshGroups] = await Promise.all([api.kanban(), api.groups()]);
       if (mine !== asked) return;
       cards = fresh;
+      groups = freshGroups;
       error = null;
     } catch (e) {
       error = e;
@@ -92,7 +119,12 @@ export function createKanban(root) {
     }));
     const old = root.querySelector(".kanban");
     const scrollLeft = old ? old.scrollLeft : 0;
-    replace(root, tasks.length ? null : empty("The board is empty.", "Dispatched tasks appear here, with a card for each step of their plan."), board);
+    const strip = groups.length
+      ? h("section", { class: "group-strip", "aria-label": "Parallel groups" },
+        h("h2", { class: "group-strip-head" }, "Parallel groups"),
+        h("ol", { class: "group-cards" }, groups.map(groupCard)))
+      : null;
+    replace(root, strip, tasks.length ? null : empty("The board is empty.", "Dispatched tasks appear here, with a card for each step of their plan."), board);
     board.scrollLeft = scrollLeft;
   }
 
