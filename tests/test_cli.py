@@ -42,9 +42,13 @@ def test_every_subcommand_has_help(name: str) -> None:
     result = run_cli(name, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith(f"usage: shipyard {name}")
-    if name == "token":
-        result = run_cli(name, "create", "--help")
+    nested = {"token": ["create"], "init": ["claude", "openclaw"]}.get(name)
+    for action in nested or []:
+        result = run_cli(name, action, "--help")
         assert result.returncode == 0
+        assert result.stdout.startswith(f"usage: shipyard {name} {action}")
+        assert "--data-dir" in result.stdout
+    if name == "token":
         assert "--role" in result.stdout
     assert "--data-dir" in result.stdout
 

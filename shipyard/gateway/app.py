@@ -100,13 +100,19 @@ def authorize(gw: Gateway, request: Request, roles: tuple[Role, ...]) -> Princip
 
 
 Handler = Callable[[Gateway, Request, Principal], Awaitable[Response]]
+APPLIED_HEADER = "Shipyard-Applied-Seq"  # the read models' position when a request was served
 
 
 def route(gw: Gateway, roles: tuple[Role, ...], fn: Handler) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         try:
             principal = authorize(gw, request, roles)
-            return await fn(gw, request, principal)
+            # Read before the query runs, so it never claims more than the answer holds: the
+            # dashboard asks again while this trails the events it has already seen.
+            applied = gw.projector.status.applied_seq
+            response = await fn(gw, request, principal)
+            response.headers[APPLIED_HEADER] = str(applied)
+            return response
         except HTTPError as e:
             return _error(e)
         except CommandRejected as e:

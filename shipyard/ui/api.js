@@ -11,6 +11,13 @@ export class ApiError extends Error {
   }
 }
 
+let applied = 0; // the highest read-model position a response was served from
+
+/** How far the read models had got, as of the latest answer. */
+export function appliedSeq() {
+  return applied;
+}
+
 const unauthorizedListeners = new Set();
 const offlineListeners = new Set();
 
@@ -54,6 +61,8 @@ async function request(method, path, { params, body } = {}) {
     for (const fn of unauthorizedListeners) fn();
     throw new ApiError(401, { code: "unauthorized", message: "not signed in" });
   }
+  const seq = Number(response.headers.get("Shipyard-Applied-Seq") || 0);
+  if (seq > applied) applied = seq;
   const type = response.headers.get("Content-Type") || "";
   const data = type.includes("json") ? await response.json().catch(() => null) : null;
   if (!response.ok) throw new ApiError(response.status, (data && data.error) || {});

@@ -3,7 +3,7 @@
 // are re-read shortly after (debounced), and once more a little later to be sure.
 
 import { createActivity } from "./activity.js";
-import { ApiError, api, onOffline, onUnauthorized } from "./api.js";
+import { ApiError, api, appliedSeq, onOffline, onUnauthorized } from "./api.js";
 import { createBreakdown } from "./breakdown.js";
 import { createComms } from "./comms.js";
 import { createDispatch } from "./dispatch.js";
@@ -18,6 +18,7 @@ import { follow } from "./stream.js";
 
 const DEBOUNCE_MS = 150;
 const SETTLE_MS = 1200; // a second look, for read models that lag more than a moment
+const MAX_SETTLE_ROUNDS = 25; // looks at most, while the read models trail the events seen
 const STATUS_EVERY_MS = 15000;
 const CATCHUP_EVERY_MS = 2000;
 
@@ -57,6 +58,7 @@ const state = {
   dirty: new Set(),
   pending: new Set(),
   seen: new Set(), // views whose panel has been read once
+  seenSeq: 0, // the newest event the stream delivered
 };
 
 const live = createLive($("live-body"), $("live-meta"), announcer());
@@ -100,12 +102,19 @@ function invalidate(panels) {
   }
   if (!flushTimer) flushTimer = setTimeout(flush, DEBOUNCE_MS);
   if (!settleTimer) {
-    settleTimer = setTimeout(() => {
+    let rounds = 0;
+    const settle = () => {
       settleTimer = 0;
       for (const p of settling) state.pending.add(p);
-      settling.clear();
       flush();
-    }, SETTLE_MS);
+      // Read models that still trail the events seen get another look, a while later.
+      if (appliedSeq() < state.seenSeq && ++rounds < MAX_SETTLE_ROUNDS) {
+        settleTimer = setTimeout(settle, SETTLE_MS);
+      } else {
+        settling.clear();
+      }
+    };
+    settleTimer = setTimeout(settle, SETTLE_MS);
   }
 }
 
@@ -200,6 +209,7 @@ function setConnection(next) {
 
 function onEvent(event) {
   const type = event.type;
+  if (Number(event.seq) > state.seenSeq) state.seenSeq = Number(event.seq);
   const panels = AFFECTS[type] || [];
   const listChanged = live.onEvent(event);
   breakdown.onEvent(event);
