@@ -331,3 +331,60 @@ def test_a_taken_gateway_port_is_a_clear_error(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "nats" / "nats.pid").exists()
+
+
+def test_rework_writes_a_fix_dispatch_that_dispatches(tmp_path: Path) -> None:
+    """`shipyard rework RUN_ID -o FILE` writes the Fix: dispatch for a failed run, quoting
+    the real failure; sent as it is, it is accepted; a run id that does not exist is refused."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "work").mkdir()
+    q = json.dumps
+    (data / "shipyard.toml").write_text(
+        f"""
+[handler]
+default_agent = "broken"
+max_attempts = 1
+workdir_roots = [{q(str(tmp_path / "work"))}]
+
+[agents.broken]
+kind = "command"
+command = [{q(sys.executable)}, {q(SCRIPTED)}, "{{phase}}", "fail"]
+"""
+    )
+    running = Up(data)
+    running.wait_ready()
+    try:
+        body = dispatch_body(workdir=str(tmp_path / "work" / "rw"))
+        task_id = running.cli("dispatch", "-", stdin=json.dumps(body)).stdout.strip()
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "shipyard.cli", "events", "--follow", "--task", task_id],
+            env=running.env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert follow.stdout is not None
+        for line in follow.stdout:
+            if "task_finished" in line:
+                break
+        follow.terminate()
+        follow.communicate(timeout=10)
+        history = json.loads(running.cli("history", "--json", "--fresh").stdout)
+        run_id = history["rows"][0]["run_id"]
+
+        out = tmp_path / "fix.json"
+        made = running.cli("rework", run_id, "-o", str(out))
+        assert made.returncode == 0, made.stderr
+        assert f"shipyard dispatch {out}" in made.stdout
+        fix = json.loads(out.read_text())
+        assert fix["action_name"] == "Fix: Add a health endpoint"
+        assert "## Current State (Broken)" in fix["payload"]["prompt"]
+        assert "something broke" in fix["payload"]["prompt"]
+        sent = running.cli("dispatch", str(out))
+        assert sent.returncode == 0, sent.stderr
+
+        missing = running.cli("rework", "r-nosuchrun")
+        assert missing.returncode == 1
+        assert "no run r-nosuchrun" in missing.stderr
+    finally:
+        running.stop()
