@@ -186,6 +186,7 @@ _ENV_FIELDS = {
     "NATS_URL": "nats_url",
     "NATS_USER": "nats_user",
     "NATS_PASSWORD": "nats_password",
+    "STREAM_REPLICAS": "stream_replicas",
 }
 _ENV_HANDLER_FIELDS = {
     "HEARTBEAT_INTERVAL": "heartbeat_interval",
