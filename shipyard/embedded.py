@@ -131,8 +131,12 @@ class EmbeddedNats:
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
             probe = self.store_dir / ".write-test"
-            probe.write_bytes(b"x")
-            os.fsync(os.open(probe, os.O_RDONLY))
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"x")
+                os.fsync(fd)  # a full disk may only say so here
+            finally:
+                os.close(fd)
             probe.unlink()
         except OSError as e:
             raise EmbeddedServerError(
