@@ -309,6 +309,11 @@ class EventLog:
                 else:
                     pending.task_done()
                     sub._pending_size -= len(msg.data)
+                    # Let what the same read from the socket woke (an append's
+                    # acknowledgement) run before this event is handed on, as it would
+                    # through the iterator: a handler registers the run it claimed when its
+                    # append returns, and its own follower must not see the claim first.
+                    await asyncio.sleep(0)
                 yield _stream_seq(msg.reply), msg.data
         finally:
             with contextlib.suppress(Exception):
