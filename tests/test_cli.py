@@ -327,3 +327,17 @@ def test_a_taken_gateway_port_is_a_clear_error(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "nats" / "nats.pid").exists()
+
+
+def test_bench_outside_a_clone_says_where_the_benchmarks_live(tmp_path: Path) -> None:
+    """`shipyard bench` where there is no bench/ package says so in a sentence, exit 1."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shipyard.cli", "bench", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "bench/ of the repository" in result.stderr
+    assert "Traceback" not in result.stderr
