@@ -33,41 +33,25 @@ Shipyard / raw as well, so there *lower* is better: it says how many plain synce
 dispatch costs (validation, two extra hops through the command service, and the write).
 The absolute target for dispatch is p99 ≤ 10 ms.
 
-The numbers depend on the disk (the server fsyncs every write): use ``--dir`` to put the
-store on the file system you care about.
-
-Run from the repository root::
-
-    python -m bench.append            # default sizes, well under two minutes
-    python -m bench.append --quick    # a smoke run of a few seconds
-    python -m bench.append --json     # one JSON object on stdout (progress goes to stderr)
+The numbers depend on the disk (the server fsyncs every write): ``--dir`` puts the store
+on the file system you care about. ``python -m bench append`` runs it in the suite.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import dataclasses
-import json
-import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
-from importlib import metadata
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from shipyard.embedded import EmbeddedNats, binary
+from bench import _common as c
 from shipyard.events import commands, dispatch
 from shipyard.events.commands import Commands, CommandService
 from shipyard.events.envelope import Event, encode, make, new_id, subject_for
@@ -109,23 +93,6 @@ QUICK = Sizes(events=400, rounds=1, warmup=100, dispatches=60, dispatch_warmup=2
 FULL = Sizes(
     events=10_000, rounds=3, warmup=1_000, dispatches=1_000, dispatch_warmup=100, concurrency=128
 )
-
-
-@dataclass
-class Figure:
-    name: str
-    unit: str
-    value: float
-    baseline: float | None = None
-    ratio: float | None = None
-    target: str = ""
-    passed: bool | None = None
-    samples: list[float] = field(default_factory=list)
-
-
-def note(text: str) -> None:
-    """Progress, on stderr so that stdout holds only the result."""
-    print(text, file=sys.stderr, flush=True)
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -194,6 +161,9 @@ def dispatched_event_bytes(body: dict[str, Any]) -> bytes:
 # --- the measurements ---------------------------------------------------------------------
 
 
+# --- the measurements ----------------------------------------------------------------------
+
+
 async def raw_round(js: JetStreamContext, subjects: Sequence[str], payload: bytes) -> float:
     """Messages per second of pipelined ``publish_async``, every ack awaited."""
     start = time.perf_counter()
@@ -253,41 +223,26 @@ async def dispatch_latencies(
     return dispatched, raw
 
 
-def percentile(samples: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(p / 100.0 * len(ordered)) - 1)]
-
-
-# --- the run ------------------------------------------------------------------------------
-
-
-async def measure(sizes: Sizes, store_parent: str | None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="shipyard-bench-", dir=store_parent) as tmp:
-        server = EmbeddedNats(Path(tmp) / "nats")
-        url = await asyncio.to_thread(server.start)
-        try:
-            return await measure_on(url, sizes, server.store_dir)
-        finally:
-            await asyncio.to_thread(server.stop)
-
-
-async def measure_on(url: str, sizes: Sizes, store_dir: Path) -> dict[str, Any]:
-    async with contextlib.AsyncExitStack() as stack:
-        nc = await connect([url], name="bench-client")
+async def measure(quick: bool, parent: str | None) -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
+    async with (
+        c.fresh_server(parent, "append") as (_, server),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        nc = await connect([server.url], name="bench-client")
         stack.push_async_callback(nc.close)
-        service_nc = await connect([url], name="bench-service")
+        service_nc = await connect([server.url], name="bench-service")
         stack.push_async_callback(service_nc.close)
         log = EventLog(nc)
         await log.ensure_stream()
         js = nc.jetstream(timeout=APPEND_TIMEOUT, publish_async_max_pending=sizes.concurrency)
-        c = sizes.concurrency
+        n = sizes.concurrency
 
-        note(f"warm-up: {sizes.warmup} messages per variant")
+        c.note(f"warm-up: {sizes.warmup} messages per variant")
         subjects, payload = raw_messages(sizes.warmup)
         await raw_round(js, subjects, payload)
-        await append_round(log, distinct_events(sizes.warmup), c)
-        await append_expect_round(log, chained_events(sizes.warmup, c))
+        await append_round(log, distinct_events(sizes.warmup), n)
+        await append_expect_round(log, chained_events(sizes.warmup, n))
 
         raw: list[float] = []
         plain: list[float] = []
@@ -295,11 +250,11 @@ async def measure_on(url: str, sizes: Sizes, store_dir: Path) -> dict[str, Any]:
         for r in range(1, sizes.rounds + 1):
             subjects, payload = raw_messages(sizes.events)
             events = distinct_events(sizes.events)
-            chains = chained_events(sizes.events, c)
+            chains = chained_events(sizes.events, n)
             raw.append(await raw_round(js, subjects, payload))
-            plain.append(await append_round(log, events, c))
+            plain.append(await append_round(log, events, n))
             guarded.append(await append_expect_round(log, chains))
-            note(
+            c.note(
                 f"round {r}/{sizes.rounds}: raw {raw[-1]:,.0f} msg/s, append "
                 f"{plain[-1]:,.0f} ev/s, append expect= {guarded[-1]:,.0f} ev/s"
             )
@@ -308,174 +263,50 @@ async def measure_on(url: str, sizes: Sizes, store_dir: Path) -> dict[str, Any]:
         await service.start()
         await service_nc.flush()
         try:
-            note(f"dispatch: {sizes.dispatch_warmup} warm-up, {sizes.dispatches} timed")
+            c.note(f"dispatch: {sizes.dispatch_warmup} warm-up, {sizes.dispatches} timed")
             await dispatch_latencies(nc, js, sizes.dispatch_warmup)
             dispatched, raw_latency = await dispatch_latencies(nc, js, sizes.dispatches)
         finally:
             await service.stop()
 
-        stored = await log.stream_last_seq()
-        expected = 3 * (sizes.warmup + sizes.rounds * sizes.events) + 2 * (
-            sizes.dispatch_warmup + sizes.dispatches
-        )
-        if stored != expected:
-            note(f"warning: the stream holds {stored} messages, {expected} were written")
-
     raw_rate = statistics.median(raw)
     figures = [
-        Figure("raw publish_async", "msg/s", raw_rate, samples=raw),
-        throughput("append", statistics.median(plain), raw_rate, plain),
-        throughput("append expect=", statistics.median(guarded), raw_rate, guarded),
-        latency("dispatch p50", 50, dispatched, raw_latency, target=None),
-        latency("dispatch p99", 99, dispatched, raw_latency, target=P99_TARGET_MS),
+        c.at_least_ratio(
+            "append throughput",
+            "ev/s",
+            statistics.median(plain),
+            raw_rate,
+            THROUGHPUT_TARGET,
+            "msg/s",
+        ),
+        c.at_least_ratio(
+            "append expect= throughput",
+            "ev/s",
+            statistics.median(guarded),
+            raw_rate,
+            THROUGHPUT_TARGET,
+            "msg/s",
+        ),
+        c.latency("dispatch round trip p99", 99, dispatched, raw_latency, P99_TARGET_MS),
     ]
     return {
-        "sizes": dataclasses.asdict(sizes),
-        "environment": environment(store_dir),
-        "stream_messages": stored,
-        "figures": [dataclasses.asdict(f) for f in figures],
-        "passed": all(f.passed is not False for f in figures),
+        "sizes": vars(sizes),
+        "figures": figures,
+        "samples": {"raw": raw, "append": plain, "append_expect": guarded},
+        "details": [
+            "append: baseline raw publish_async of the same payloads, same window; dispatch:",
+            "baseline one plain synced publish of the event a dispatch records, same p99.",
+        ],
     }
-
-
-def throughput(name: str, value: float, baseline: float, samples: list[float]) -> Figure:
-    ratio = value / baseline
-    return Figure(
-        name,
-        "ev/s",
-        value,
-        baseline=baseline,
-        ratio=ratio,
-        target=f"ratio ≥ {THROUGHPUT_TARGET}",
-        passed=ratio >= THROUGHPUT_TARGET,
-        samples=samples,
-    )
-
-
-def latency(
-    name: str, p: float, samples: list[float], baseline: list[float], *, target: float | None
-) -> Figure:
-    value = percentile(samples, p)
-    base = percentile(baseline, p)
-    return Figure(
-        name,
-        "ms",
-        value,
-        baseline=base,
-        ratio=value / base,
-        target=f"≤ {target:g} ms" if target is not None else "",
-        passed=value <= target if target is not None else None,
-    )
-
-
-def environment(store_dir: Path) -> dict[str, Any]:
-    try:
-        server = subprocess.run(
-            [binary(), "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        server = "unknown"
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "nats_server": server,
-        "nats_py": metadata.version("nats-py"),
-        "store": str(store_dir),
-    }
-
-
-# --- output -------------------------------------------------------------------------------
-
-
-def _number(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "—"
-    if unit == "ms":
-        return f"{value:.2f} ms"
-    if unit:
-        return f"{value:,.0f} {unit}"
-    return f"{value:.2f}"
-
-
-def table(result: dict[str, Any]) -> str:
-    headers = ("figure", "value", "baseline", "ratio", "target", "result")
-    rows = []
-    for f in result["figures"]:
-        verdict = {True: "pass", False: "MISS", None: "—"}[f["passed"]]
-        base_unit = "msg/s" if f["unit"] == "ev/s" else f["unit"]
-        rows.append(
-            (
-                f["name"],
-                _number(f["value"], f["unit"]),
-                _number(f["baseline"], base_unit),
-                _number(f["ratio"]),
-                f["target"] or "—",
-                verdict,
-            )
-        )
-    widths = [max(len(str(r[i])) for r in (headers, *rows)) for i in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        left = cells[0].ljust(widths[0])
-        rest = [c.rjust(w) for c, w in zip(cells[1:4], widths[1:4], strict=True)]
-        tail = [c.ljust(w) for c, w in zip(cells[4:], widths[4:], strict=True)]
-        return "  ".join([left, *rest, *tail]).rstrip()
-
-    sizes, env = result["sizes"], result["environment"]
-    out = [
-        f"Shipyard append benchmark — {env['nats_server']}, nats-py {env['nats_py']}, "
-        f"Python {env['python']}, {env['cpus']} CPUs",
-        f"N={sizes['events']:,} × {sizes['rounds']} rounds, {sizes['concurrency']} in flight; "
-        f"M={sizes['dispatches']:,} dispatches; store {env['store']}",
-        "",
-        line(headers),
-        line(["-" * w for w in widths]),
-        *(line(r) for r in rows),
-        "",
-        "ratio: Shipyard / raw. Throughput: higher is better (1.0 = no overhead over NATS).",
-        "Latency: lower is better (how many plain synced publishes one dispatch costs).",
-    ]
-    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.append",
-        description="Measure Shipyard's event append throughput and dispatch latency "
-        "against raw NATS JetStream on a fresh embedded server.",
+    return c.main(
+        "append",
+        "Shipyard's event append throughput and dispatch latency against raw JetStream.",
+        measure,
+        argv,
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run with small sizes")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--events", type=int, help="N, messages per round and variant")
-    parser.add_argument("--rounds", type=int, help="throughput rounds (median reported)")
-    parser.add_argument("--dispatches", type=int, help="M, timed dispatch calls")
-    parser.add_argument(
-        "--concurrency", type=int, help="appenders in flight (and the raw publish window)"
-    )
-    parser.add_argument("--dir", help="where to create the temporary store (default: $TMPDIR)")
-    args = parser.parse_args(argv)
-
-    sizes = QUICK if args.quick else FULL
-    overrides = {
-        "events": args.events,
-        "rounds": args.rounds,
-        "dispatches": args.dispatches,
-        "concurrency": args.concurrency,
-    }
-    sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
-    if min(sizes.events, sizes.rounds, sizes.dispatches, sizes.concurrency) < 1:
-        parser.error("sizes must be at least 1")
-
-    started = time.perf_counter()
-    result = asyncio.run(measure(sizes, args.dir))
-    result["seconds"] = round(time.perf_counter() - started, 2)
-    if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        print(table(result))
-        print(f"\n(finished in {result['seconds']:.1f}s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -50,41 +50,26 @@ The bench process (dispatcher, follower, baseline) is one process, the handler a
 the nats-server a third; builders are the rest. On a 2-core machine they compete, which is
 part of what is measured. Use ``--dir`` to put the store on the disk you care about.
 
-Run from the repository root::
-
-    python -m bench.handler            # default sizes, under two minutes
-    python -m bench.handler --quick    # a smoke run, under twenty seconds
-    python -m bench.handler --json     # one JSON object on stdout (progress goes to stderr)
+``python -m bench handler`` runs it in the suite; ``--dir`` puts the store on the disk
+you care about.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import ctypes
-import dataclasses
 import json
-import math
-import os
-import platform
-import resource
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from shipyard.embedded import EmbeddedNats, binary
+from bench import _common as c
 from shipyard.events.commands import Commands
 from shipyard.events.envelope import Event, decode, encode, make, new_id, short_id
 from shipyard.events.log import APPEND_TIMEOUT, EventLog, connect, stream_config
@@ -101,15 +86,10 @@ KILL_GRACE = 1.0
 SETTLE = 1.5  # seconds between the last builder starting and the CPU window
 MAX_TICKS = 300  # a ticker builder stops by itself after this many seconds, whatever happens
 SAMPLE_TIMEOUT = 30.0  # seconds one sequential dispatch may take to finish
-HANDLER_START_TIMEOUT = 60.0
-HANDLER_STOP_TIMEOUT = 30.0
 
 RAW_STREAM = "BENCH_RAW"
 RAW_SUBJECT = "bench.raw"
 KEY_LEN = 26  # new_id() length: the raw payload starts with its key
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child must not dlopen after fork
 
 STAMP_AGENT = "stamp"
 TICKER_AGENT = "ticker"
@@ -136,10 +116,6 @@ echo "done after $i ticks"
 """
 
 
-class BenchError(Exception):
-    """The bench could not measure: the handler died, a task never finished, ..."""
-
-
 @dataclass(frozen=True)
 class Sizes:
     dispatches: int  # M: timed sequential dispatches
@@ -150,53 +126,7 @@ class Sizes:
 
 
 QUICK = Sizes(dispatches=30, warmup=3, runs=10, window=3.0, idle=1.0)
-FULL = Sizes(dispatches=300, warmup=10, runs=100, window=12.0, idle=3.0)
-
-
-@dataclass
-class Figure:
-    name: str
-    unit: str
-    value: float
-    baseline: float | None = None
-    ratio: float | None = None
-    target: str = ""
-    passed: bool | None = None
-
-
-def note(text: str) -> None:
-    """Progress, on stderr so that stdout holds only the result."""
-    print(text, file=sys.stderr, flush=True)
-
-
-def percentile(samples: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(p / 100.0 * len(ordered)) - 1)]
-
-
-def spread(samples: Sequence[float]) -> dict[str, float]:
-    if not samples:
-        return {}
-    return {
-        "p50": percentile(samples, 50),
-        "p90": percentile(samples, 90),
-        "p99": percentile(samples, 99),
-        "max": max(samples),
-        "mean": statistics.fmean(samples),
-    }
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """``utime + stime`` of one process (all its threads), without its children's."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3, "state"
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15
-
-
-def self_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+FULL = Sizes(dispatches=300, warmup=10, runs=200, window=12.0, idle=3.0)
 
 
 # --- the files the handler gets ---------------------------------------------------------
@@ -303,108 +233,6 @@ def dispatch_body(workdir: Path, agent: str, title: str) -> dict[str, Any]:
     }
 
 
-# --- the handler process ----------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it if the bench dies, however it dies."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class HandlerProcess:
-    """``shipyard up --roles handler --nats URL``, its stdout drained, its stderr in a file."""
-
-    def __init__(self, url: str, layout: Layout) -> None:
-        self.url = url
-        self.layout = layout
-        self.stderr_path = layout.root / "handler.stderr"
-        self.proc: asyncio.subprocess.Process | None = None
-        self._drain: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def cpu_seconds(self) -> float:
-        return proc_cpu_seconds(self.pid)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    def stderr_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.stderr_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def warnings(self) -> list[str]:
-        try:
-            text = self.stderr_path.read_text(errors="replace")
-        except OSError:
-            return []
-        return [line for line in text.splitlines() if " WARNING " in line or " ERROR " in line]
-
-    async def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SHIPYARD_")}
-        argv = [
-            *("-m", "shipyard.cli", "up", "--roles", "handler", "--nats", self.url),
-            *("--data-dir", str(self.layout.data), "--config", str(self.layout.config)),
-        ]
-        with self.stderr_path.open("wb") as err:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=err,
-                env=env,
-                cwd=self.layout.root,
-                preexec_fn=_die_with_parent,
-            )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + HANDLER_START_TIMEOUT
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                line = await asyncio.wait_for(self.proc.stdout.readline(), max(0.0, remaining))
-            except TimeoutError:
-                line = b""
-            if not line:
-                await self.stop()
-                raise BenchError(
-                    "the handler did not come up; its last lines:\n" + self.stderr_tail()
-                )
-            if b" is up" in line:
-                break
-        self._drain = asyncio.create_task(self._drain_stdout())
-
-    async def _drain_stdout(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        while await self.proc.stdout.readline():
-            pass
-
-    async def stop(self) -> None:
-        """SIGTERM (the handler ends its runs and exits), SIGKILL if it hangs."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), HANDLER_STOP_TIMEOUT)
-            except TimeoutError:
-                note("the handler did not stop within 30s; killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if self._drain is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._drain, 5)
-
-
 # --- watching the log -------------------------------------------------------------------
 
 
@@ -492,7 +320,7 @@ class Tracker:
             try:
                 await asyncio.wait_for(self._changed.wait_for(done), timeout)
             except TimeoutError:
-                raise BenchError(f"gave up after {timeout:.0f}s waiting for {what}") from None
+                raise c.BenchError(f"gave up after {timeout:.0f}s waiting for {what}") from None
 
     def all_seen(self, task_ids: Sequence[str], attribute: str) -> Callable[[], bool]:
         return lambda: all(getattr(self.trace(t), attribute) is not None for t in task_ids)
@@ -624,10 +452,10 @@ async def latency_phase(
         s.guard.append((stamp - started.stamped_ns) / 1e6)
         s.finished.append((finished.perf - t_ret) * 1000.0)
         if (i - sizes.warmup + 1) % max(1, sizes.dispatches // 5) == 0:
-            note(
+            c.note(
                 f"  {i - sizes.warmup + 1}/{sizes.dispatches}: claimed p50 "
-                f"{percentile(s.claimed, 50):.2f} ms, builder running p50 "
-                f"{percentile(s.started_process, 50):.2f} ms"
+                f"{c.percentile(s.claimed, 50):.2f} ms, builder running p50 "
+                f"{c.percentile(s.started_process, 50):.2f} ms"
             )
     return s
 
@@ -661,7 +489,7 @@ async def concurrency_phase(
     sizes: Sizes,
     commands: Commands,
     tracker: Tracker,
-    handler: HandlerProcess,
+    handler: c.ShipyardUp,
     server_pid: int,
     layout: Layout,
 ) -> ConcurrentResult:
@@ -683,19 +511,19 @@ async def concurrency_phase(
         tracker.all_seen(ids, "builder_started"), 30.0 + n, f"all {n} builders to start"
     )
     all_started = time.perf_counter() - t0
-    note(f"  all {n} builders started {all_started:.2f}s after the first dispatch")
+    c.note(f"  all {n} builders started {all_started:.2f}s after the first dispatch")
     await asyncio.sleep(SETTLE)
     cpu0, srv0, bench0, w0 = (
         handler.cpu_seconds(),
-        proc_cpu_seconds(server_pid),
-        self_cpu_seconds(),
+        c.proc_cpu_seconds(server_pid),
+        c.self_cpu_seconds(),
         time.perf_counter(),
     )
     await asyncio.sleep(sizes.window)
     cpu1, srv1, bench1, w1 = (
         handler.cpu_seconds(),
-        proc_cpu_seconds(server_pid),
-        self_cpu_seconds(),
+        c.proc_cpu_seconds(server_pid),
+        c.self_cpu_seconds(),
         time.perf_counter(),
     )
     running = sum(1 for t in ids if tracker.trace(t).finished is None)
@@ -727,33 +555,14 @@ async def concurrency_phase(
 # --- the run ----------------------------------------------------------------------------
 
 
-async def run(sizes: Sizes, store_parent: str | None) -> dict[str, Any]:
-    """:func:`measure`, cleaning up on SIGTERM as on Ctrl-C."""
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        return await measure(sizes, store_parent)
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+async def measure(quick: bool, parent: str | None) -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
+    async with c.fresh_server(parent, "handler") as (root, server):
+        assert server.pid is not None
+        return await measure_on(server.url, sizes, Layout(root), server.pid)
 
 
-async def measure(sizes: Sizes, store_parent: str | None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="shipyard-bench-handler-", dir=store_parent) as tmp:
-        root = Path(tmp)
-        server = EmbeddedNats(root / "nats")
-        url = await asyncio.to_thread(server.start)
-        try:
-            assert server.pid is not None
-            return await measure_on(url, sizes, Layout(root), server.pid, server.store_dir)
-        finally:
-            await asyncio.to_thread(server.stop)
-
-
-async def measure_on(
-    url: str, sizes: Sizes, layout: Layout, server_pid: int, store_dir: Path
-) -> dict[str, Any]:
+async def measure_on(url: str, sizes: Sizes, layout: Layout, server_pid: int) -> dict[str, Any]:
     capacity = max(128, sizes.runs + 8)
     layout.create(capacity)
     async with contextlib.AsyncExitStack() as stack:
@@ -769,310 +578,114 @@ async def measure_on(
         await probe.start()
         stack.push_async_callback(probe.stop)
 
-        handler = HandlerProcess(url, layout)
-        note("starting the handler: shipyard up --roles handler")
-        await handler.start()
+        handler = c.ShipyardUp(
+            [
+                *("--roles", "handler", "--nats", url),
+                *("--data-dir", str(layout.data), "--config", str(layout.config)),
+            ],
+            layout.root,
+        )
+        c.note("starting the handler: shipyard up --roles handler")
+        await handler.start(ready=" is up")
         stack.push_async_callback(handler.stop)
-        note(f"  handler pid {handler.pid}, nats-server pid {server_pid}")
 
         tracker = Tracker(EventLog(follower_nc))
         await tracker.start(1)
         stack.push_async_callback(tracker.stop)
 
         try:
-            note(f"idle handler: {sizes.idle:.0f}s")
+            c.note(f"idle handler: {sizes.idle:.0f}s")
             cpu0, w0 = handler.cpu_seconds(), time.perf_counter()
             await asyncio.sleep(sizes.idle)
             idle_pct = 100.0 * (handler.cpu_seconds() - cpu0) / (time.perf_counter() - w0)
 
-            note(f"sequential dispatches: {sizes.warmup} warm-up, {sizes.dispatches} timed")
+            c.note(f"sequential dispatches: {sizes.warmup} warm-up, {sizes.dispatches} timed")
             latency = await latency_phase(sizes, commands, tracker, probe, layout)
 
-            note(f"concurrent runs: {sizes.runs}, CPU window {sizes.window:.0f}s")
+            c.note(f"concurrent runs: {sizes.runs}, CPU window {sizes.window:.0f}s")
             concurrent = await concurrency_phase(
                 sizes, commands, tracker, handler, server_pid, layout
             )
-        except BenchError as e:
+        except c.BenchError as e:
             state = "running" if handler.alive() else "exited"
             tail = handler.stderr_tail() or "(nothing)"
-            raise BenchError(f"{e}\nthe handler ({state}) logged last:\n{tail}") from None
-        stale_total, verdicts_total = list(tracker.stale), list(tracker.verdicts)
+            raise c.BenchError(f"{e}\nthe handler ({state}) logged last:\n{tail}") from None
+        stale, verdicts = list(tracker.stale), list(tracker.verdicts)
         warnings = handler.warnings()
-        stored = await log.stream_last_seq()
 
+    n = concurrent.runs
     figures = [
-        latency_figure("dispatch → claimed p50", 50, latency.claimed, latency.raw, None),
-        latency_figure(
-            "dispatch → claimed p99", 99, latency.claimed, latency.raw, CLAIM_P99_TARGET_MS
-        ),
-        latency_figure(
-            "dispatch → builder_started p99",
-            99,
-            latency.started_event,
-            latency.raw,
-            START_P99_TARGET_MS,
-        ),
-        latency_figure(
-            "dispatch → builder running p50", 50, latency.started_process, latency.raw, None
-        ),
-        latency_figure(
+        c.latency("dispatch → claimed p99", 99, latency.claimed, latency.raw, CLAIM_P99_TARGET_MS),
+        c.latency(
             "dispatch → builder running p99",
             99,
             latency.started_process,
             latency.raw,
             START_P99_TARGET_MS,
         ),
-        Figure(
-            f"false run_stale ({concurrent.runs} runs)",
-            "events",
-            len(stale_total),
-            target="= 0",
-            passed=not stale_total,
-        ),
-        Figure(
-            "false watchdog verdicts",
-            "events",
-            len(verdicts_total),
-            target="= 0",
-            passed=not verdicts_total,
-        ),
-        Figure(
-            "handler CPU per run, steady",
+        c.latency("dispatch → builder running p50", 50, latency.started_process, latency.raw, None),
+        c.at_most(f"false STALE, {n} runs, 1 s heartbeats", "events", len(stale), 0),
+        c.at_most(f"false watchdog verdicts, {n} runs", "events", len(verdicts), 0),
+        c.at_most(
+            f"handler CPU per active run ({n} runs)",
             "%",
             concurrent.cpu_per_run_pct,
-            target=f"≤ {CPU_TARGET_PCT:g} %",
-            passed=concurrent.cpu_per_run_pct <= CPU_TARGET_PCT,
+            CPU_TARGET_PCT,
         ),
-        Figure("handler CPU per run, whole phase", "%", concurrent.phase_cpu_per_run_pct),
     ]
-    ok_runs = concurrent.outcomes.get("succeeded", 0)
-    checks = {
-        "sequential_failed": latency.failed,
-        "concurrent_outcomes": concurrent.outcomes,
-        "concurrent_running_in_window": concurrent.running_in_window,
-    }
     sound = (
         not latency.failed
-        and ok_runs == concurrent.runs
-        and concurrent.running_in_window == concurrent.runs
+        and concurrent.outcomes.get("succeeded", 0) == n
+        and concurrent.running_in_window == n
     )
-    return {
-        "sizes": dataclasses.asdict(sizes),
-        "handler": {
-            "how": "subprocess: shipyard up --roles handler --nats URL",
-            "heartbeat_interval": HEARTBEAT_INTERVAL,
-            "stale_after": STALE_AFTER,
-            "failed_after": FAILED_AFTER,
-            "concurrency": capacity,
-            "idle_cpu_pct": idle_pct,
-            "warnings": warnings[:50],
-            "warning_count": len(warnings),
-        },
-        "environment": environment(store_dir),
-        "stream_messages": stored,
-        "figures": [dataclasses.asdict(f) for f in figures],
-        "latency": {
-            name: spread(getattr(latency, name))
-            for name in (
-                "raw",
-                "dispatch_call",
-                "claimed",
-                "claimed_from_call",
-                "started_event",
-                "started_process",
-                "to_claim_made",
-                "claim_write",
-                "to_build_phase",
-                "spawn",
-                "guard",
-                "finished",
-            )
-        },
-        "concurrent": {
-            **{
-                k: v
-                for k, v in dataclasses.asdict(concurrent).items()
-                if k not in ("stale", "verdicts")
-            },
-            "cpu_per_run_pct": concurrent.cpu_per_run_pct,
-            "marginal_cpu_per_run_pct": (
-                100.0 * concurrent.handler_cpu_s / concurrent.window_s - idle_pct
-            )
-            / max(1, concurrent.running_in_window),
-            "phase_cpu_per_run_pct": concurrent.phase_cpu_per_run_pct,
-            "server_cpu_pct": 100.0 * concurrent.server_cpu_s / concurrent.window_s,
-            "bench_cpu_pct": 100.0 * concurrent.bench_cpu_s / concurrent.window_s,
-        },
-        "stale": stale_total,
-        "verdicts": verdicts_total,
-        "checks": checks,
-        "sound": sound,
-        "passed": sound and all(f.passed is not False for f in figures),
-    }
-
-
-def latency_figure(
-    name: str, p: float, samples: list[float], baseline: list[float], target: float | None
-) -> Figure:
-    value = percentile(samples, p)
-    base = percentile(baseline, p)
-    return Figure(
-        name,
-        "ms",
-        value,
-        baseline=base,
-        ratio=value / base if base > 0 else None,
-        target=f"≤ {target:g} ms" if target is not None else "",
-        passed=value <= target if target is not None else None,
-    )
-
-
-def environment(store_dir: Path) -> dict[str, Any]:
-    try:
-        server = subprocess.run(
-            [binary(), "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        server = "unknown"
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "nats_server": server,
-        "nats_py": metadata.version("nats-py"),
-        "store": str(store_dir),
-    }
-
-
-# --- output -----------------------------------------------------------------------------
-
-
-def _number(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "—"
-    if unit == "ms":
-        return f"{value:.2f} ms"
-    if unit == "%":
-        return f"{value:.3f} %"
-    if unit == "events":
-        return f"{value:.0f}"
-    return f"{value:.2f}"
-
-
-def table(result: dict[str, Any]) -> str:
-    headers = ("figure", "value", "baseline", "ratio", "target", "result")
-    rows = []
-    for f in result["figures"]:
-        verdict = {True: "pass", False: "MISS", None: "—"}[f["passed"]]
-        rows.append(
-            (
-                f["name"],
-                _number(f["value"], f["unit"]),
-                _number(f["baseline"], f["unit"]),
-                _number(f["ratio"]),
-                f["target"] or "—",
-                verdict,
-            )
+    if not sound:
+        raise c.BenchError(
+            "some runs did not succeed or ended early: "
+            + json.dumps({"failed": latency.failed[:10], "outcomes": concurrent.outcomes})
         )
-    widths = [max(len(str(r[i])) for r in (headers, *rows)) for i in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        left = cells[0].ljust(widths[0])
-        rest = [c.rjust(w) for c, w in zip(cells[1:4], widths[1:4], strict=True)]
-        tail = [c.ljust(w) for c, w in zip(cells[4:], widths[4:], strict=True)]
-        return "  ".join([left, *rest, *tail]).rstrip()
-
-    sizes, env, lat, con = (
-        result["sizes"],
-        result["environment"],
-        result["latency"],
-        result["concurrent"],
-    )
-    hs = result["handler"]
 
     def ms(name: str) -> str:
-        return f"{lat[name]['p50']:7.2f} / {lat[name]['p99']:7.2f} ms"
+        got = c.spread(getattr(latency, name))
+        return f"{got['p50']:7.2f} / {got['p99']:7.2f} ms"
 
-    out = [
-        f"Shipyard handler benchmark — {env['nats_server']}, nats-py {env['nats_py']}, "
-        f"Python {env['python']}, {env['cpus']} CPUs",
-        f"handler: {hs['how']}; heartbeat {hs['heartbeat_interval']:g}s, stale after "
-        f"{hs['stale_after']:g}s, failed after {hs['failed_after']:g}s",
-        f"M={sizes['dispatches']:,} sequential dispatches (+{sizes['warmup']} warm-up); "
-        f"N={sizes['runs']} concurrent runs, CPU window {con['window_s']:.1f}s; "
-        f"store {env['store']}",
+    details = [
         "",
-        line(headers),
-        line(["-" * w for w in widths]),
-        *(line(r) for r in rows),
-        "",
-        "baseline: a plain JetStream publish until an ordered consumer has it, same percentile;",
-        "ratio: figure / baseline (lower is better). Latencies are timed from Commands.dispatch",
-        "returning, to when the bench's follower receives the event (or, for 'builder running',",
-        "to the builder's own first-instruction wall-clock stamp).",
-        "",
+        "baseline: a plain JetStream publish until an ordered consumer has it, same percentile.",
         "where the time goes, p50 / p99 (from the handler's own event stamps):",
-        f"  Commands.dispatch call                     {ms('dispatch_call')}",
         f"  dispatch returned → claim made by handler  {ms('to_claim_made')}",
         f"  claim made → claim seen by the follower    {ms('claim_write')}",
         f"  claim made → BUILD phase started           {ms('to_build_phase')}",
         f"  BUILD started → builder_started (spawn)    {ms('spawn')}",
         f"  builder_started → builder runs (guard)     {ms('guard')}",
-        f"  dispatch returned → task_finished seen     {ms('finished')}",
-        "",
-        f"{con['runs']} concurrent runs: all builders started {con['all_started_s']:.2f}s after "
-        f"the first dispatch; {con['running_in_window']} running in the window; outcomes "
-        + ", ".join(f"{k} {v}" for k, v in sorted(con["outcomes"].items())),
-        f"  in the window: handler {100.0 * con['handler_cpu_s'] / con['window_s']:.1f} % of a "
-        f"core, nats-server {con['server_cpu_pct']:.1f} %, bench {con['bench_cpu_pct']:.1f} %; "
-        f"idle handler {hs['idle_cpu_pct']:.2f} %",
-        f"  handler warnings logged: {hs['warning_count']}; stream holds "
-        f"{result['stream_messages']:,} events",
+        f"{n} concurrent runs: all builders started {concurrent.all_started_s:.2f}s after the "
+        f"first dispatch; handler {100 * concurrent.handler_cpu_s / concurrent.window_s:.1f} % "
+        f"of a core in the {concurrent.window_s:.0f}s window (idle {idle_pct:.2f} %); "
+        f"whole phase {concurrent.phase_cpu_per_run_pct:.3f} % per run; "
+        f"{len(warnings)} handler warnings",
     ]
-    if not result["sound"]:
-        out += ["", "NOT SOUND: some runs did not succeed or ended early: " + str(result["checks"])]
-    return "\n".join(out)
+    return {
+        "sizes": vars(sizes),
+        "figures": figures,
+        "details": details,
+        "latency_ms": {
+            name: getattr(latency, name)
+            for name in ("raw", "claimed", "started_event", "started_process")
+        },
+        "concurrent": {k: v for k, v in vars(concurrent).items() if k not in ("stale", "verdicts")},
+        "idle_cpu_pct": idle_pct,
+        "stale": stale,
+        "verdicts": verdicts,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.handler",
-        description="Measure a Shipyard handler's dispatch-to-claim and dispatch-to-builder "
-        "latency against raw JetStream, and its CPU per run with many runs at once, on a "
-        "fresh embedded server.",
+    return c.main(
+        "handler",
+        "A handler's dispatch-to-claim and dispatch-to-builder latency against raw "
+        "JetStream, and its CPU and false STALE verdicts with many runs at once.",
+        measure,
+        argv,
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run with small sizes")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--dispatches", type=int, help="M, timed sequential dispatches")
-    parser.add_argument("--runs", type=int, help="N, concurrent runs")
-    parser.add_argument("--window", type=float, help="seconds of the CPU window")
-    parser.add_argument("--dir", help="where to create the temporary store (default: $TMPDIR)")
-    args = parser.parse_args(argv)
-
-    sizes = QUICK if args.quick else FULL
-    overrides = {"dispatches": args.dispatches, "runs": args.runs, "window": args.window}
-    sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
-    if min(sizes.dispatches, sizes.runs) < 1 or sizes.window <= 0:
-        parser.error("sizes must be at least 1, the window positive")
-    if sizes.runs > 900:
-        parser.error("at most 900 concurrent runs (the handler's limit is 1000)")
-
-    started = time.perf_counter()
-    try:
-        result = asyncio.run(run(sizes, args.dir))
-    except BenchError as e:
-        print(f"bench/handler.py: {e}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bench/handler.py: interrupted; everything it started is stopped", file=sys.stderr)
-        return 130
-    result["seconds"] = round(time.perf_counter() - started, 2)
-    if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        print(table(result))
-        print(f"\n(finished in {result['seconds']:.1f}s)")
-    return 0 if result["sound"] else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from nats.aio.client import Client as NATS
 
 from shipyard import __version__, console, demo, instance, integrations, runtime
 from shipyard import settings as settings_mod
-from shipyard.errors import CommandRejected, NotRunning, ShipyardError
+from shipyard.errors import CommandRejected, ConfigError, NotRunning, ShipyardError
 from shipyard.events import commands, rework, text
 from shipyard.events.dispatch import MAX_DISPATCH_BYTES
 from shipyard.events.envelope import aggregate_subject, valid_id
@@ -376,6 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.set_defaults(func=cmd_events)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmark suite (from a clone of the repository)",
+        description="Run `python -m bench [NAME…] [--quick] [--json]`: every figure beside the "
+        "raw baseline measured in the same run. Needs the repository's bench/ package.",
+    )
+    _common(bench)
+    bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (all)")
+    bench.add_argument("--quick", action="store_true", help="smoke-run sizes (for CI)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--dir", help="where to create temporary stores")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -661,6 +675,23 @@ def cmd_thread(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _with_nats(args, go)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    clone = Path.cwd()
+    if (clone / "bench" / "__main__.py").is_file() and str(clone) not in sys.path:
+        sys.path.insert(0, str(clone))  # the console script does not look in the cwd
+    try:
+        suite = importlib.import_module("bench.__main__")
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            "the benchmarks are not part of an installed Shipyard: they live in bench/ of the "
+            "repository. Run `shipyard bench` (or `python -m bench`) from a clone, installed "
+            "with `pip install -e .`."
+        ) from e
+    argv = [*args.names, *(["--quick"] if args.quick else []), *(["--json"] if args.json else [])]
+    code: int = suite.main(argv + (["--dir", args.dir] if args.dir else []))
+    return code
 
 
 def cmd_events(args: argparse.Namespace) -> int:

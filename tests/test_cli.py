@@ -388,3 +388,17 @@ command = [{q(sys.executable)}, {q(SCRIPTED)}, "{{phase}}", "fail"]
         assert "no run r-nosuchrun" in missing.stderr
     finally:
         running.stop()
+
+
+def test_bench_outside_a_clone_says_where_the_benchmarks_live(tmp_path: Path) -> None:
+    """`shipyard bench` where there is no bench/ package says so in a sentence, exit 1."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shipyard.cli", "bench", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "bench/ of the repository" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -301,3 +301,29 @@ async def test_sse_resumes_across_a_gateway_restart_with_no_gap(
     ids = [i for i, _ in before + after]
     assert ids == list(range(1, 8))
     assert {kind for _, kind in before + after} == {"task_dispatched"}
+
+
+async def test_sse_clients_sharing_the_feed_each_get_every_event_once(
+    client: Client, event_log: EventLog
+) -> None:
+    """Several unfiltered clients, one resuming from the start of the log, one from the
+    middle and one live, each get every later event once, in order, while more are
+    appended."""
+    from shipyard.events.commands import Commands
+
+    commands = Commands(event_log)
+    for _ in range(3):
+        await commands.dispatch(dispatch_body())
+    token = client.tokens["viewer"]
+    readers = [
+        asyncio.create_task(read_sse(client.session, client.url, token, 9, last_id=last))
+        for last in ("", "2", "3")
+    ]
+    for _ in range(9):
+        await commands.dispatch(dispatch_body())
+    got = await asyncio.wait_for(asyncio.gather(*readers), 20)
+    assert [[i for i, _ in events] for events in got] == [
+        list(range(1, 10)),
+        list(range(3, 12)),
+        list(range(4, 13)),
+    ]

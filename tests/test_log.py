@@ -10,6 +10,7 @@ import pytest
 
 from shipyard.errors import ConcurrencyConflict, UnknownEventType
 from shipyard.events import envelope
+from shipyard.events import log as log_module
 from shipyard.events.envelope import aggregate_subject, make
 from shipyard.events.log import EventLog
 from shipyard.events.types import (
@@ -185,6 +186,32 @@ async def test_follow_from_a_sequence_yields_old_then_new_events(event_log: Even
     await asyncio.wait_for(done.wait(), 10)
     await task
     assert got == list(range(seqs[2], seqs[2] + 6))
+
+
+async def test_follow_raw_delivers_a_burst_in_order_with_stream_sequences(
+    event_log: EventLog,
+) -> None:
+    """follow_raw over more events than arrive in one read gives each once, in order, with
+    the sequence the stream stored it under."""
+    seqs = [
+        await event_log.append(make(dispatched(str(i)), aggregate_id=f"t-b{i}", actor="x"))
+        for i in range(300)
+    ]
+    got: list[int] = []
+    async for seq, payload in event_log.follow_raw(start=seqs[0]):
+        assert envelope.decode(payload, seq=seq).aggregate_id == f"t-b{len(got)}"
+        got.append(seq)
+        if seq == seqs[-1]:
+            break
+    assert got == seqs
+
+
+def test_stream_sequence_is_read_from_both_reply_subject_forms() -> None:
+    """The stream sequence comes from the 9-token reply subject and the longer one with a
+    domain and account hash."""
+    assert log_module._stream_seq("$JS.ACK.SHIPYARD.c1.1.42.7.1700000000000000000.0") == 42
+    longer = "$JS.ACK._.HASH.SHIPYARD.c1.1.42.7.1700000000000000000.0.rand"
+    assert log_module._stream_seq(longer) == 42
 
 
 async def test_read_stops_at_the_end_of_the_stream(event_log: EventLog) -> None:

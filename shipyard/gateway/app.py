@@ -54,6 +54,10 @@ class Gateway:
     projector: Projector
     tokens: TokenStore
     shutdown: anyio.Event = field(default_factory=anyio.Event)
+    feed: sse.Feed = field(init=False)  # the live log, shared by the SSE clients
+
+    def __post_init__(self) -> None:
+        self.feed = sse.Feed(self.events)
 
     @property
     def models(self) -> Any:

@@ -91,3 +91,4 @@ class GatewayService:
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 10)
+        await self.gateway.feed.stop()

@@ -62,6 +62,7 @@ class Handler:
         self._run_tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._caught_up = asyncio.Event()
+        self._reconciled = asyncio.Event()  # claims wait for it: see _reconcile
         self._advanced = asyncio.Event()  # set after each event is folded in
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -80,6 +81,7 @@ class Handler:
         await self._caught_up.wait()
         await self._beat()
         await self._reconcile()
+        self._reconciled.set()
         for group in list(self.book.groups):
             self._spawn(self._close_group(group))  # groups that ended while no handler ran
         # The watchdog starts after reconciling, so our own old runs are not judged silent.
@@ -217,7 +219,8 @@ class Handler:
         return sum(1 for run in self.runs.values() if run.runner.name == agent)
 
     async def _claim_loop(self) -> None:
-        await self._caught_up.wait()
+        # A claim made before reconciling would look like a run of our previous life.
+        await self._reconciled.wait()
         while not self._stopping:
             await self._wake.wait()
             self._wake.clear()

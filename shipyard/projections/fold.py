@@ -35,6 +35,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "groups": ("group_name",),
 }
 PHASES = list(t.Phase)
+POSITION = {phase: phase.position for phase in PHASES}  # the property scans the enum
 QUIET = frozenset(
     {"work_progress", "handler_heartbeat", "card_added", "card_moved", "message_read"}
 )
@@ -43,6 +44,8 @@ TEXT_LIMIT = 2000  # characters of free text kept per activity line
 
 def utc(value: datetime) -> datetime:
     """Event times as naive UTC, which DuckDB stores as TIMESTAMP."""
+    if value.tzinfo is UTC:  # as decoded: no conversion needed, and this runs per event
+        return value.replace(tzinfo=None)
     return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
 
 
@@ -300,7 +303,7 @@ def _phase(b: Batch, e: Event[Any], d: t.PhaseChanged, at: datetime) -> None:
         {
             "run_id": d.run_id,
             "phase": d.phase.value,
-            "position": d.phase.position,
+            "position": POSITION[d.phase],
             "status": d.status.value,
             "started_at": None,
             "ended_at": None,

@@ -4,12 +4,19 @@
 SELECT run_id, task_id, title, agent, group_name, attempt, outcome, reason, phase_results,
        started_at, ended_at, duration_s, turns, cost_usd, heal_rounds
 FROM history
-WHERE ($outcome = '' OR outcome = $outcome)
-  AND ($agent = '' OR agent = $agent)
-  AND ($search = '' OR contains(lower(title), lower($search)) OR task_id = $search)
-  AND ($before = 0 OR finished_seq < $before)
-ORDER BY finished_seq DESC
-LIMIT $limit;
+-- The page's keys first, from the one column they need; the page's rows are then fetched
+-- by key (the join's key range skips all but the newest row groups): a top-N over every
+-- column of every run costs several times more.
+WHERE finished_seq IN (
+    SELECT finished_seq
+    FROM history
+    WHERE ($outcome = '' OR outcome = $outcome)
+      AND ($agent = '' OR agent = $agent)
+      AND ($search = '' OR contains(lower(title), lower($search)) OR task_id = $search)
+      AND ($before = 0 OR finished_seq < $before)
+    ORDER BY finished_seq DESC
+    LIMIT $limit)
+ORDER BY finished_seq DESC;
 
 -- name: history_count
 SELECT count(*)
@@ -91,8 +98,13 @@ WITH task_cards AS (
            END AS column_name,
            t.created_seq AS position, t.priority_rank, t.priority, t.group_name, t.agent,
            t.updated_at
-    FROM tasks t LEFT JOIN runs r ON r.run_id = t.run_id
-    WHERE t.state NOT IN ('succeeded', 'failed', 'cancelled') OR t.updated_at >= $since
+    -- Open tasks, and finished ones since $since, as two scans: with an OR neither can
+    -- skip anything, while updated_at alone skips the row groups of older tasks.
+    FROM (SELECT * FROM tasks WHERE state NOT IN ('succeeded', 'failed', 'cancelled')
+          UNION ALL
+          SELECT * FROM tasks
+          WHERE state IN ('succeeded', 'failed', 'cancelled') AND updated_at >= $since) t
+    LEFT JOIN runs r ON r.run_id = t.run_id
 )
 SELECT * EXCLUDE (task_position, step) FROM (
     SELECT card_id, task_id, run_id, kind, title, column_name, position, priority_rank,
