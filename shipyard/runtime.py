@@ -23,6 +23,7 @@ from shipyard.events.commands import Commands, CommandService
 from shipyard.events.envelope import short_id, valid_id
 from shipyard.events.log import EventLog, connect
 from shipyard.gateway.server import GatewayService
+from shipyard.gateway.telegram import TelegramService
 from shipyard.handler.service import Handler
 from shipyard.projections.projector import DB_FILE, Projector, ReadModels
 from shipyard.projections.service import QueryService
@@ -31,7 +32,8 @@ from shipyard.settings import Settings
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 5.0  # seconds to flush and unsubscribe at shutdown
-ROLES = ("projector", "commands", "handler", "gateway")  # every role this release can run
+# Every role this release can run. `telegram` starts a bot only when a token and chats are set.
+ROLES = ("projector", "commands", "handler", "gateway", "telegram")
 DEFAULT_ROLES = ROLES
 
 
@@ -71,6 +73,20 @@ async def _start_roles(
         services.append(gateway)
         info["dashboard"] = gateway.login_url
         info["gateway_url"] = gateway.url
+    if "telegram" in roles and settings.telegram.enabled:
+        bot = TelegramService(
+            settings, events, nc, dashboard_url=info.get("gateway_url") or _dashboard(settings)
+        )
+        await bot.start()
+        services.append(bot)
+        info["telegram"] = True
+
+
+def _dashboard(settings: Settings) -> str:
+    """Where the gateway of this deployment listens, when it runs in another process."""
+    cfg = settings.gateway
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    return f"http://{host}:{cfg.port}"
 
 
 class _Closing:

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -26,7 +27,13 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
-from shipyard.errors import AppendFailed, ConcurrencyConflict, ConnectionFailed, StreamMissing
+from shipyard.errors import (
+    AppendFailed,
+    ConcurrencyConflict,
+    ConnectionFailed,
+    ShipyardError,
+    StreamMissing,
+)
 from shipyard.events.envelope import SUBJECT_PREFIX, Event, aggregate_subject, decode, encode
 from shipyard.events.types import REGISTRY, Registry
 
@@ -39,7 +46,10 @@ DUPLICATE_WINDOW = 120.0  # seconds in which a repeated Nats-Msg-Id is recognise
 APPEND_TIMEOUT = 5.0  # seconds for one publish acknowledgement
 APPEND_RETRY_FOR = 30.0  # seconds an append keeps retrying while the server is unreachable
 
+JS_API = "$JS.API"
 ERR_WRONG_LAST_SEQUENCE = 10071
+ERR_NO_MESSAGE = 10037
+ERR_STREAM_NOT_FOUND = 10059
 ERR_BATCH_DUPLICATE_ID = 10201
 
 H_MSG_ID = "Nats-Msg-Id"
@@ -238,6 +248,26 @@ class EventLog:
         except nats.js.errors.NotFoundError as e:
             raise StreamMissing() from e
         return int(info.state.last_seq)
+
+    async def first_seq_since(self, when: datetime) -> int:
+        """The sequence of the first event stored at or after ``when``; one past the last
+        event if none was."""
+        stamp = when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        # nats-py's get_msg cannot ask by time; the server's message-get API can.
+        reply = await self.nc.request(
+            f"{JS_API}.STREAM.MSG.GET.{self.stream}",
+            json.dumps({"start_time": stamp}).encode(),
+            timeout=APPEND_TIMEOUT,
+        )
+        found = json.loads(reply.data)
+        error = found.get("error")
+        if error and error.get("err_code") == ERR_NO_MESSAGE:
+            return await self.stream_last_seq() + 1
+        if error:
+            if error.get("err_code") == ERR_STREAM_NOT_FOUND:
+                raise StreamMissing()
+            raise ShipyardError(f"the event log could not be read: {error.get('description')}")
+        return int(found["message"]["seq"])
 
     async def history(self, aggregate: str, aggregate_id: str) -> list[Event[Any]]:
         """Every event of one aggregate, oldest first."""
