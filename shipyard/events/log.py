@@ -49,7 +49,6 @@ APPEND_RETRY_FOR = 30.0  # seconds an append keeps retrying while the server is 
 JS_API = "$JS.API"
 ERR_WRONG_LAST_SEQUENCE = 10071
 ERR_NO_MESSAGE = 10037
-ERR_STREAM_NOT_FOUND = 10059
 ERR_BATCH_DUPLICATE_ID = 10201
 
 H_MSG_ID = "Nats-Msg-Id"
@@ -253,6 +252,8 @@ class EventLog:
         """The sequence of the first event stored at or after ``when``; one past the last
         event if none was."""
         stamp = when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        # Read first: an event landing during the lookup is then found by it, not skipped.
+        last = await self.stream_last_seq()
         # nats-py's get_msg cannot ask by time; the server's message-get API can.
         reply = await self.nc.request(
             f"{JS_API}.STREAM.MSG.GET.{self.stream}",
@@ -262,10 +263,8 @@ class EventLog:
         found = json.loads(reply.data)
         error = found.get("error")
         if error and error.get("err_code") == ERR_NO_MESSAGE:
-            return await self.stream_last_seq() + 1
+            return last + 1
         if error:
-            if error.get("err_code") == ERR_STREAM_NOT_FOUND:
-                raise StreamMissing()
             raise ShipyardError(f"the event log could not be read: {error.get('description')}")
         return int(found["message"]["seq"])
 
