@@ -19,11 +19,13 @@ from nats.aio.client import Client as NATS
 from shipyard import runtime
 from shipyard import settings as settings_mod
 from shipyard.errors import ConfigError
+from shipyard.events import text
 from shipyard.events import types as t
 from shipyard.events.commands import Commands, CommandService
 from shipyard.events.envelope import Event, make
 from shipyard.events.log import EventLog
 from shipyard.gateway.telegram import TelegramService, alert_id
+from shipyard.projections import queries
 from shipyard.projections.projector import Projector
 from shipyard.projections.service import QueryService
 from shipyard.settings import GatewaySettings, Settings, TelegramSettings
@@ -305,6 +307,24 @@ async def test_every_allowed_chat_gets_each_alert_once(
     await api.wait_until(lambda: bot.position >= event.seq, what="the deliveries recorded")
     assert await delivered(event_log, CHAT, event)
     assert await delivered(event_log, -100200, event)
+
+
+async def test_recorded_deliveries_stay_out_of_the_activity_timeline(
+    bots: Bots, api: FakeTelegram, event_log: EventLog, projector: Projector
+) -> None:
+    """The read models take `alert_delivered` events in their stride: the projector passes
+    them, and the activity timeline does not list them."""
+    bot = await bots.start()
+    task_id = await dispatch(event_log)
+    (claim,) = await append(event_log, task_id, claimed())
+    await api.wait_until(lambda: bot.position >= claim.seq, what="the delivery to be recorded")
+    last = await event_log.stream_last_seq()
+    assert last > claim.seq  # the record itself
+    await asyncio.wait_for(projector.wait_for(last), 10)
+    rows = await projector.models.run(lambda: queries.activity(projector.models.con, limit=50))
+    assert [r.kind for r in rows] == ["task_claimed", "task_dispatched"]
+    (record,) = [e async for e in event_log.read(start=last)]
+    assert text.summary(record).startswith(f"started alert on telegram to {CHAT}")
 
 
 # --- delivery ----------------------------------------------------------------------------

@@ -34,8 +34,17 @@ KEYS: dict[str, tuple[str, ...]] = {
     "threads": ("thread_id",),
 }
 PHASES = list(t.Phase)
+# Events kept out of the activity timeline: heartbeats, card shuffles, receipts, and the
+# record of an alert sent (the alert is about an event the timeline already shows).
 QUIET = frozenset(
-    {"work_progress", "handler_heartbeat", "card_added", "card_moved", "message_read"}
+    {
+        "work_progress",
+        "handler_heartbeat",
+        "card_added",
+        "card_moved",
+        "message_read",
+        "alert_delivered",
+    }
 )
 TEXT_LIMIT = 2000  # characters of free text kept per activity line
 
