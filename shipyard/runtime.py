@@ -79,7 +79,10 @@ async def _start_roles(
         )
         await bot.start()
         services.append(bot)
-        info["telegram"] = True
+        info["telegram_chats"] = len(settings.telegram.chat_ids)
+    elif "roles" in info:
+        # Unconfigured, the role is simply absent: not an error, and not shown as running.
+        info["roles"] = [r for r in info["roles"] if r != "telegram"]
 
 
 def _dashboard(settings: Settings) -> str:

@@ -614,8 +614,10 @@ async def test_without_a_token_or_chats_nothing_telegram_starts(
     for telegram in (TelegramSettings(), TelegramSettings(token=TOKEN)):
         cfg = Settings(data_dir=tmp_path, telegram=telegram)
         started: list[Any] = []
-        await runtime._start_roles(cfg, ("telegram",), nc, event_log, started, {})
+        info: dict[str, Any] = {"roles": ["telegram"]}
+        await runtime._start_roles(cfg, ("telegram",), nc, event_log, started, info)
         assert started == []
+        assert info == {"roles": []}
 
 
 def test_shipyard_up_sends_alerts_for_a_real_build(tmp_path: Path, api: FakeTelegram) -> None:
@@ -665,6 +667,8 @@ poll_timeout = 1
         assert "Add a health endpoint" in success["text"] and task_id in success["text"]
         assert "/#/?run=r" in success["html"]
         assert api.count("getUpdates") >= 1  # the bot polls for commands too
+        assert "telegram:  alerts to 1 chat(s)" in "".join(running.banner)
+        assert "gateway, telegram)" in running.banner[0]
     finally:
         assert running.stop() == 0
     assert "Traceback" not in running.errors
