@@ -24,7 +24,7 @@ from shipyard.events import types as t
 from shipyard.events.commands import Commands, CommandService
 from shipyard.events.envelope import Event, make
 from shipyard.events.log import EventLog
-from shipyard.gateway.telegram import TelegramService, alert_id
+from shipyard.gateway.telegram import Sender, TelegramService, alert_id, make_bot
 from shipyard.projections import queries
 from shipyard.projections.projector import Projector
 from shipyard.projections.service import QueryService
@@ -422,6 +422,20 @@ async def test_a_refused_open_button_falls_back_to_the_other_buttons(
     (sent,) = await api.wait_messages(1, chat_id=CHAT)
     assert [b["text"] for b in sent["reply_markup"]["inline_keyboard"][0]] == ["Retry", "Cancel"]
     assert f"{DASHBOARD}/#/?run=r-1" in sent["html"]
+
+
+async def test_markup_telegram_refuses_falls_back_to_plain_text(
+    tmp_path: Path, api: FakeTelegram
+) -> None:
+    """A message whose HTML Telegram refuses is sent again as plain text, not dropped."""
+    cfg = tg_settings(tmp_path, api).telegram
+    bot = make_bot(cfg)
+    try:
+        assert await Sender(bot, cfg).send(CHAT, "<blink>look</blink> &amp; see", None)
+    finally:
+        await bot.session.close()
+    assert [c.status for c in api.calls if c.method == "sendMessage"] == [400, 200]
+    assert api.texts(CHAT) == ["look & see"]
 
 
 async def test_an_unreachable_bot_api_disturbs_nothing(

@@ -104,6 +104,11 @@ def esc(value: object) -> str:
     return html.escape(str(value), quote=False)
 
 
+def plain(text: str) -> str:
+    """Telegram HTML as plain text: what a message falls back to if its markup is refused."""
+    return html.unescape(_ANY_TAG.sub("", text))
+
+
 def clip(value: str, limit: int = FIELD_CHARS) -> str:
     value = value.strip()
     return value if len(value) <= limit else value[: limit - 1].rstrip() + "…"
@@ -302,6 +307,7 @@ def _group_lines(d: t.GroupFinished, titles: Mapping[str, str]) -> list[str]:
 
 # --- splitting ------------------------------------------------------------------------------
 
+_ANY_TAG = re.compile(r"<[^>]*>")
 _TOKEN = re.compile(r"<[^>]*>|&[#\w]+;|[^<&\n]+|\n|[<&]")
 _TAG_NAME = re.compile(r"</?\s*([a-zA-Z][\w-]*)")
 

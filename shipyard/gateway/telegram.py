@@ -119,9 +119,15 @@ class Sender:
 
     async def _send_one(self, chat_id: int, text: str, markup: InlineKeyboardMarkup | None) -> bool:
         backoff = Backoff(self.settings.retry_initial, self.settings.retry_max)
+        as_html = True
         while True:
             try:
-                await self.bot.send_message(chat_id, text, reply_markup=markup)
+                if as_html:
+                    await self.bot.send_message(chat_id, text, reply_markup=markup)
+                else:
+                    await self.bot.send_message(
+                        chat_id, alerts.plain(text), reply_markup=markup, parse_mode=None
+                    )
                 return True
             except TelegramRetryAfter as e:
                 # aiogram does not wait out a 429 itself; Telegram says how long to wait.
@@ -141,6 +147,15 @@ class Sender:
                         chat_id,
                         e.message,
                         extra={"action": "telegram_buttons_refused", "chat_id": chat_id},
+                    )
+                    continue
+                if as_html:
+                    as_html = False  # the last resort: the same words without markup
+                    log.warning(
+                        "telegram: chat %s refused the markup (%s); sending plain text",
+                        chat_id,
+                        e.message,
+                        extra={"action": "telegram_markup_refused", "chat_id": chat_id},
                     )
                     continue
                 log.error(

@@ -8,9 +8,7 @@ in another process — and say so plainly when neither answers.
 
 from __future__ import annotations
 
-import html
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -196,7 +194,7 @@ class BotCommands:
             await self._answer_query(query, "That button no longer does anything.")
             return
         text = await self.run_command(name, task_id, actor)
-        await self._answer_query(query, _plain(text))
+        await self._answer_query(query, alerts.plain(text))
         await self.send(chat_id, text, None)
 
     async def _answer_query(self, query: CallbackQuery, text: str) -> None:
@@ -291,8 +289,3 @@ class BotCommands:
         if len(messages) > INBOX_ROWS:
             lines.append(f"… and {len(messages) - INBOX_ROWS} older; the dashboard has them all")
         return "\n".join(lines)
-
-
-def _plain(text: str) -> str:
-    """Telegram HTML as the plain text a button's answer shows."""
-    return html.unescape(re.sub(r"<[^>]+>", "", text))
