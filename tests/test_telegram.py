@@ -25,6 +25,7 @@ from shipyard.events.commands import Commands, CommandService
 from shipyard.events.envelope import Event, make
 from shipyard.events.log import EventLog
 from shipyard.gateway.telegram import Sender, TelegramService, alert_id, make_bot
+from shipyard.gateway.telegram_commands import failure_keyboard
 from shipyard.projections import queries
 from shipyard.projections.projector import Projector
 from shipyard.projections.service import QueryService
@@ -164,7 +165,14 @@ async def test_started_and_succeeded_alerts_carry_title_figures_and_a_link(
     assert "Add <health> & co" in started[0]["text"]  # escaped on the wire, shown as written
     assert "&lt;health&gt; &amp; co" in started[0]["html"]
     report = t.ReportWritten(
-        run_id="r-1", path="/tmp/r.html", summary="ok", duration_s=192.4, turns=12, cost_usd=0.4199
+        run_id="r-1",
+        path="/tmp/r.html",
+        summary="ok",
+        files_changed=["README.md", "app/health.py"],
+        duration_s=192.4,
+        turns=12,
+        cost_usd=0.4199,
+        heal_rounds=1,
     )
     finished = t.RunFinished(run_id="r-1", outcome=t.TaskState.SUCCEEDED, summary="all good")
     await append(event_log, task_id, report)
@@ -177,6 +185,7 @@ async def test_started_and_succeeded_alerts_carry_title_figures_and_a_link(
     done = (await api.wait_messages(2, chat_id=CHAT))[1]
     assert "Build succeeded" in done["text"]
     assert "3m 12s · 12 turns · $0.42" in done["text"]
+    assert "2 files changed · healed in 1 round" in done["text"]
     assert f'href="{DASHBOARD}/#/?run=r-1"' in done["html"]
     assert "reply_markup" not in done
 
@@ -422,6 +431,18 @@ async def test_a_refused_open_button_falls_back_to_the_other_buttons(
     (sent,) = await api.wait_messages(1, chat_id=CHAT)
     assert [b["text"] for b in sent["reply_markup"]["inline_keyboard"][0]] == ["Retry", "Cancel"]
     assert f"{DASHBOARD}/#/?run=r-1" in sent["html"]
+
+
+def test_no_open_button_points_at_a_loopback_dashboard() -> None:
+    """The Open button is left out when the dashboard's address is loopback, which a phone
+    cannot open; Retry and Cancel stay."""
+    for url, buttons in (
+        ("http://127.0.0.1:7780/#/?run=r-1", ["Retry", "Cancel"]),
+        ("http://localhost:7780/#/?run=r-1", ["Retry", "Cancel"]),
+        (f"{DASHBOARD}/#/?run=r-1", ["Retry", "Cancel", "Open"]),
+    ):
+        markup = failure_keyboard("t-1", url)
+        assert [b.text for b in markup.inline_keyboard[0]] == buttons
 
 
 async def test_markup_telegram_refuses_falls_back_to_plain_text(

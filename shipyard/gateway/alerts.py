@@ -205,8 +205,14 @@ def render(
     elif isinstance(d, t.RunFinished) and kind == t.AlertKind.SUCCEEDED:
         head = head.format("Build succeeded")
         body.append(_figures(event, story))
-        if d.summary:
-            body.append(esc(clip(d.summary)))
+        if story.report is not None:
+            # The run's summary repeats the figures; the report adds what changed.
+            changed = len(story.report.files_changed)
+            heal = story.report.heal_rounds
+            body.append(
+                f"{changed} file{'s' if changed != 1 else ''} changed"
+                + (f" · healed in {heal} round{'s' if heal != 1 else ''}" if heal else "")
+            )
     elif isinstance(d, t.RunFinished) and kind == t.AlertKind.WATCHDOG:
         head = head.format("FAILED by the watchdog")
         where = f" in {d.phase.label}" if d.phase else ""

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiogram import Router
 from aiogram.filters import Command, CommandObject
@@ -59,9 +60,16 @@ def failure_keyboard(task_id: str, link: str) -> InlineKeyboardMarkup:
         InlineKeyboardButton(text="Retry", callback_data=f"retry:{task_id}"),
         InlineKeyboardButton(text="Cancel", callback_data=f"cancel:{task_id}"),
     ]
-    if link:
+    if link and not _loopback(link):
         row.append(InlineKeyboardButton(text="Open", url=link))
     return InlineKeyboardMarkup(inline_keyboard=[row])
+
+
+def _loopback(url: str) -> bool:
+    """A phone cannot open the dashboard at a loopback address (set `gateway.public_url`),
+    and Telegram refuses some such button URLs outright."""
+    host = urlsplit(url).hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _who(user: TelegramUser | None) -> str:
