@@ -17,9 +17,10 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -27,13 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
-from shipyard.errors import (
-    AppendFailed,
-    ConcurrencyConflict,
-    ConnectionFailed,
-    ShipyardError,
-    StreamMissing,
-)
+from shipyard.errors import AppendFailed, ConcurrencyConflict, ConnectionFailed, StreamMissing
 from shipyard.events.envelope import SUBJECT_PREFIX, Event, aggregate_subject, decode, encode
 from shipyard.events.types import REGISTRY, Registry
 
@@ -46,9 +41,7 @@ DUPLICATE_WINDOW = 120.0  # seconds in which a repeated Nats-Msg-Id is recognise
 APPEND_TIMEOUT = 5.0  # seconds for one publish acknowledgement
 APPEND_RETRY_FOR = 30.0  # seconds an append keeps retrying while the server is unreachable
 
-JS_API = "$JS.API"
 ERR_WRONG_LAST_SEQUENCE = 10071
-ERR_NO_MESSAGE = 10037
 ERR_BATCH_DUPLICATE_ID = 10201
 
 H_MSG_ID = "Nats-Msg-Id"
@@ -99,6 +92,10 @@ async def connect(
             f"could not connect to NATS at {shown}: {e or type(e).__name__}. "
             "Check that the server runs and the URL is right."
         ) from e
+
+
+class _Stamp(msgspec.Struct):
+    time: datetime
 
 
 def stream_config(replicas: int = 1) -> StreamConfig:
@@ -248,25 +245,26 @@ class EventLog:
             raise StreamMissing() from e
         return int(info.state.last_seq)
 
-    async def first_seq_since(self, when: datetime) -> int:
-        """The sequence of the first event stored at or after ``when``; one past the last
-        event if none was."""
-        stamp = when.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        # Read first: an event landing during the lookup is then found by it, not skipped.
-        last = await self.stream_last_seq()
-        # nats-py's get_msg cannot ask by time; the server's message-get API can.
-        reply = await self.nc.request(
-            f"{JS_API}.STREAM.MSG.GET.{self.stream}",
-            json.dumps({"start_time": stamp}).encode(),
-            timeout=APPEND_TIMEOUT,
-        )
-        found = json.loads(reply.data)
-        error = found.get("error")
-        if error and error.get("err_code") == ERR_NO_MESSAGE:
-            return last + 1
-        if error:
-            raise ShipyardError(f"the event log could not be read: {error.get('description')}")
-        return int(found["message"]["seq"])
+    async def seq_at(self, when: datetime) -> int:
+        """The sequence of the first event at or after ``when`` (one past the last if none):
+        where to start reading "since then" without scanning the log."""
+        info = await self.js.stream_info(self.stream)
+        lo, hi = int(info.state.first_seq or 1), int(info.state.last_seq) + 1
+        # Event times rise along the stream, give or take clock skew between hosts, which
+        # only moves the start by as much.
+        while lo < hi:
+            mid = (lo + hi) // 2
+            try:
+                msg = await self.js.get_msg(self.stream, seq=mid, direct=True)
+            except nats.js.errors.NotFoundError:
+                lo = mid + 1
+                continue
+            stamp = msgspec.json.decode(msg.data or b"{}", type=_Stamp).time
+            if stamp < when:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     async def history(self, aggregate: str, aggregate_id: str) -> list[Event[Any]]:
         """Every event of one aggregate, oldest first."""

@@ -285,7 +285,7 @@ class TelegramService:
             try:
                 if not start:
                     since = self._now() - timedelta(seconds=s.horizon)
-                    start = await self.events.first_seq_since(since)
+                    start = await self.events.seq_at(since)
                 async for event in self.events.follow(start=start):
                     await self._consider(event)
                     start = event.seq + 1
