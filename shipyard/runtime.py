@@ -23,7 +23,6 @@ from shipyard.events.commands import Commands, CommandService
 from shipyard.events.envelope import short_id, valid_id
 from shipyard.events.log import EventLog, connect
 from shipyard.gateway.server import GatewayService
-from shipyard.gateway.telegram import TelegramService
 from shipyard.handler.service import Handler
 from shipyard.projections.projector import DB_FILE, Projector, ReadModels
 from shipyard.projections.service import QueryService
@@ -74,6 +73,10 @@ async def _start_roles(
         info["dashboard"] = gateway.login_url
         info["gateway_url"] = gateway.url
     if "telegram" in roles and settings.telegram.enabled:
+        # Imported here: aiogram takes seconds to import, which no process without a bot, and
+        # no CLI command, should pay.
+        from shipyard.gateway.telegram import TelegramService
+
         bot = TelegramService(
             settings, events, nc, dashboard_url=info.get("gateway_url") or _dashboard(settings)
         )

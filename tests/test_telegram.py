@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -655,9 +656,19 @@ async def test_without_a_token_or_chats_nothing_telegram_starts(
         assert info == {"roles": []}
 
 
+def test_the_cli_does_not_import_aiogram_until_a_bot_runs() -> None:
+    """aiogram takes seconds to import: the CLI and `shipyard up` without a bot never load it."""
+    probe = "import sys, shipyard.cli, shipyard.runtime; print('aiogram' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
 def test_shipyard_up_sends_alerts_for_a_real_build(tmp_path: Path, api: FakeTelegram) -> None:
     """`shipyard up` with the Telegram env set runs the bot in the same process: a build by
-    a scripted builder sends "Build started" and then "Build succeeded"."""
+    a scripted builder sends "Build started" and then "Build succeeded", and /history from
+    the chat lists it."""
     data = tmp_path / "data"
     data.mkdir()
     work = tmp_path / "work"
@@ -701,7 +712,13 @@ poll_timeout = 1
         success = next(m for m in api.sent(CHAT) if "Build succeeded" in m["text"])
         assert "Add a health endpoint" in success["text"] and task_id in success["text"]
         assert "/#/?run=r" in success["html"]
-        assert api.count("getUpdates") >= 1  # the bot polls for commands too
+        # The same process answers commands (asked again while the read models catch up).
+        while not any("✅ Add a health endpoint" in text for text in api.texts(CHAT)):
+            seen = len(api.texts(CHAT))
+            api.user_says(CHAT, "/history")
+            while len(api.texts(CHAT)) == seen:
+                assert time.monotonic() < deadline, f"no answer to /history: {api.texts(CHAT)}"
+                time.sleep(0.1)
         assert "telegram:  alerts to 1 chat(s)" in "".join(running.banner)
         assert "gateway, telegram)" in running.banner[0]
     finally:
