@@ -434,6 +434,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  data:      {cfg.data_dir}", flush=True)
         if info.get("dashboard"):
             print(f"  dashboard: {info['dashboard']}", flush=True)
+        if info.get("telegram_chats"):
+            print(f"  telegram:  alerts to {info['telegram_chats']} chat(s)", flush=True)
         print("  dispatch:  shipyard dispatch task.json   (Ctrl-C stops)", flush=True)
 
     asyncio.run(runtime.run(cfg, roles, on_ready=ready))

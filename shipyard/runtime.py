@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from shipyard import __version__, instance
+from shipyard import __version__, instance, redact
 from shipyard.embedded import EmbeddedNats
 from shipyard.errors import ConfigError
 from shipyard.events.commands import Commands, CommandService
@@ -32,8 +32,9 @@ from shipyard.settings import Settings
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 5.0  # seconds to flush and unsubscribe at shutdown
-# Every role this release can run; openclaw runs only when its hooks_url is set.
-ROLES = ("projector", "commands", "handler", "gateway", "openclaw")
+# Every role this release can run; openclaw runs only when its hooks_url is set, telegram
+# only when a token and chats are.
+ROLES = ("projector", "commands", "handler", "gateway", "openclaw", "telegram")
 DEFAULT_ROLES = ROLES
 
 
@@ -77,6 +78,27 @@ async def _start_roles(
         reporter = OpenClawReporter(events, settings)
         await reporter.start()
         services.append(reporter)
+    if "telegram" in roles and settings.telegram.enabled:
+        # Imported here: aiogram takes seconds to import, which no process without a bot, and
+        # no CLI command, should pay.
+        from shipyard.gateway.telegram import TelegramService
+
+        bot = TelegramService(
+            settings, events, nc, dashboard_url=info.get("gateway_url") or _dashboard(settings)
+        )
+        await bot.start()
+        services.append(bot)
+        info["telegram_chats"] = len(settings.telegram.chat_ids)
+    elif "roles" in info:
+        # Unconfigured, the role is simply absent: not an error, and not shown as running.
+        info["roles"] = [r for r in info["roles"] if r != "telegram"]
+
+
+def _dashboard(settings: Settings) -> str:
+    """Where the gateway of this deployment listens, when it runs in another process."""
+    cfg = settings.gateway
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    return f"http://{host}:{cfg.port}"
 
 
 class _Closing:
@@ -131,6 +153,12 @@ async def run(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
+    for secret in (
+        settings.nats_password,
+        settings.openclaw.token,
+        settings.telegram.token.get_secret_value(),
+    ):
+        redact.add_secret(secret)  # from a settings file, where names do not give them away
     lock = instance.InstanceLock(settings.data_dir)
     lock.acquire()
     server: EmbeddedNats | None = None

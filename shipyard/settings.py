@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from shipyard.errors import ConfigError
+from shipyard.events.types import AlertKind
 
 ENV_PREFIX = "SHIPYARD_"
 
@@ -145,6 +146,63 @@ class OpenClawSettings(BaseModel):
         return value.rstrip("/")
 
 
+def default_alerts() -> list[AlertKind]:
+    return [kind for kind in AlertKind if kind != AlertKind.PHASE]
+
+
+class TelegramSettings(BaseModel):
+    """``[telegram]`` in shipyard.toml: alerts to the operator's phone and a few commands.
+
+    Nothing Telegram runs unless both ``token`` and ``chat_ids`` are set.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: SecretStr = Field(default=SecretStr(""), description="from @BotFather")
+    chat_ids: list[int] = Field(
+        default_factory=list, description="chats that get alerts and may send commands"
+    )
+    api_base: str = Field(default="", description="another Bot API server; empty: Telegram's")
+    alerts: list[AlertKind] = Field(default_factory=default_alerts)
+    horizon: float = Field(
+        default=86400.0, ge=0, description="seconds: after downtime, older events send nothing"
+    )
+    inbox_agent: str = Field(default="operator", description="whose inbox /inbox shows")
+    poll_timeout: int = Field(default=30, ge=1, le=50, description="getUpdates long poll")
+    request_timeout: float = Field(default=30.0, gt=0, description="one Bot API call, polls aside")
+    retry_initial: float = Field(default=1.0, gt=0, description="first backoff after an error")
+    retry_max: float = Field(default=60.0, gt=0, description="longest backoff")
+
+    @field_validator("chat_ids", "alerts", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, int):
+            return [value]
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _token_shape(cls, value: SecretStr) -> SecretStr:
+        token = value.get_secret_value()
+        bot_id, colon, secret = token.partition(":")
+        if token and not (bot_id.isdigit() and colon and secret and not secret.isspace()):
+            raise ValueError("is not a bot token: @BotFather gives one like 123456:ABC-DEF1234")
+        return value
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not a URL; write it as http://host:8081")
+        return value.rstrip("/")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token.get_secret_value() and self.chat_ids)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -158,6 +216,7 @@ class Settings(BaseModel):
     stream_replicas: int = Field(default=1, ge=1, le=5)
     handler: HandlerSettings = Field(default_factory=HandlerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     agents: dict[str, AgentSettings] = Field(default_factory=default_agents)
     openclaw: OpenClawSettings = Field(default_factory=OpenClawSettings)
 
@@ -196,6 +255,13 @@ _ENV_HANDLER_FIELDS = {
     "MAX_HEAL_ROUNDS": "max_heal_rounds",
     "MAX_ATTEMPTS": "max_attempts",
     "DEFAULT_AGENT": "default_agent",
+}
+_ENV_TELEGRAM_FIELDS = {
+    "TELEGRAM_TOKEN": "token",
+    "TELEGRAM_CHAT_IDS": "chat_ids",
+    "TELEGRAM_API_BASE": "api_base",
+    "TELEGRAM_ALERTS": "alerts",
+    "TELEGRAM_HORIZON": "horizon",
 }
 
 
@@ -246,6 +312,13 @@ def load(
     }
     if openclaw_env:
         values["openclaw"] = {**values.get("openclaw", {}), **openclaw_env}
+    telegram_env: dict[str, Any] = {
+        field: env[ENV_PREFIX + name]
+        for name, field in _ENV_TELEGRAM_FIELDS.items()
+        if env.get(ENV_PREFIX + name)
+    }
+    if telegram_env:
+        values["telegram"] = {**values.get("telegram", {}), **telegram_env}
     values.update(flags)
     values["data_dir"] = Path(values.get("data_dir", data_dir)).expanduser()
     try:

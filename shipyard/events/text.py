@@ -65,6 +65,8 @@ def summary(event: Event[Any]) -> str:
         return f"{d.type} {d.sender} → {d.recipient}{about}: {d.body[:120]}"
     if isinstance(d, t.MessageRead):
         return f"{d.reader} read {d.message_id}"
+    if isinstance(d, t.AlertDelivered):
+        return f"{d.kind} alert on {d.channel} to {d.target}, about event {d.source_event}"
     if isinstance(d, t.HandlerHeartbeat):
         return f"{d.host} pid {d.pid}, {len(d.runs)} run(s)"
     return ""

@@ -430,6 +430,19 @@ class GroupFinished(EventData, frozen=True, kw_only=True):
 # --- alerts: deliveries to the outside world, each recorded once --------------------------
 
 
+class AlertKind(enum.StrEnum):
+    """What an alert tells the operator; settings choose which kinds are sent."""
+
+    STARTED = "started"  # a run was claimed and begins
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STALE = "stale"
+    WATCHDOG = "watchdog"  # the watchdog failed a silent run (agent_silent, handler_lost)
+    ESCALATED = "escalated"
+    GROUP = "group"  # every task of a parallel group finished
+    PHASE = "phase"  # each phase's end: chatty, so off unless asked for
+
+
 @register
 class AlertDelivered(EventData, frozen=True, kw_only=True):
     """An alert about ``source_event`` reached ``target`` on ``channel`` (telegram, webhook).

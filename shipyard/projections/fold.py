@@ -36,8 +36,17 @@ KEYS: dict[str, tuple[str, ...]] = {
 }
 PHASES = list(t.Phase)
 POSITION = {phase: phase.position for phase in PHASES}  # the property scans the enum
+# Events kept out of the activity timeline: heartbeats, card shuffles, receipts, and the
+# record of an alert sent (the alert is about an event the timeline already shows).
 QUIET = frozenset(
-    {"work_progress", "handler_heartbeat", "card_added", "card_moved", "message_read"}
+    {
+        "work_progress",
+        "handler_heartbeat",
+        "card_added",
+        "card_moved",
+        "message_read",
+        "alert_delivered",
+    }
 )
 TEXT_LIMIT = 2000  # characters of free text kept per activity line
 

@@ -57,6 +57,7 @@ class QueryService:
             "status": self._status,
             "history": self._history,
             "task": self._task,
+            "tasks": self._tasks,
             "run": self._run,
             "activity": self._activity,
             "kanban": self._kanban,
@@ -156,6 +157,13 @@ class QueryService:
         if found is None:
             raise CommandRejected(f"no task {args.get('task_id')}", code="not_found")
         return found
+
+    async def _tasks(self, args: dict[str, Any]) -> Any:
+        """Tasks newest first, optionally in one state (``blocked``: queued, waiting on
+        ``after``)."""
+        return await self._db(
+            queries.tasks, state=_str(args, "state"), limit=_int(args, "limit", 200)
+        )
 
     async def _run(self, args: dict[str, Any]) -> Any:
         found = await self._db(queries.run, _str(args, "run_id"))
