@@ -27,14 +27,17 @@ from shipyard.events.envelope import Event, make
 from shipyard.events.log import EventLog
 from shipyard.gateway.telegram import Sender, TelegramService, alert_id, make_bot
 from shipyard.gateway.telegram_commands import failure_keyboard
+from shipyard.handler.service import Handler
 from shipyard.projections import queries
 from shipyard.projections.projector import Projector
 from shipyard.projections.service import QueryService
 from shipyard.settings import GatewaySettings, Settings, TelegramSettings
+from tests import handlers as h
 from tests.conftest import Up
 from tests.fakes.telegram_api import TOKEN, Failure, FakeTelegram
 from tests.handlers import SCRIPTED
 from tests.samples import dispatch_body
+from tests.test_handler import body as greeting_body
 
 CHAT = 4242
 STRANGER = 666
@@ -724,3 +727,32 @@ poll_timeout = 1
     finally:
         assert running.stop() == 0
     assert "Traceback" not in running.errors
+
+
+async def test_a_group_run_by_two_handlers_sends_one_group_alert(
+    tmp_path: Path, bots: Bots, api: FakeTelegram, event_log: EventLog
+) -> None:
+    """Three tasks of one group run by two handlers, one failing, end in one group_finished
+    event and exactly one group alert naming the failed task."""
+    cfg = h.settings(tmp_path, concurrency=2)
+    running = [Handler(event_log, cfg, handler_id=name) for name in ("left", "right")]
+    for handler in running:
+        await handler.start()
+    try:
+        bot = await bots.start(alerts=["group"])
+        commands = Commands(event_log)
+        for name, agent in (("api", "ok"), ("ui", "ok"), ("docs", "fail")):
+            await commands.dispatch(greeting_body(tmp_path, name, agent=agent, group="release-3"))
+        outcome = await h.wait_for(event_log, lambda e: e.type == "group_finished")
+        (sent,) = await api.wait_messages(1, chat_id=CHAT)
+        assert "Group did not pass · release-3" in sent["text"]
+        assert "3 tasks: 2 succeeded, 1 failed" in sent["text"]
+        assert "✕ Greeting docs" in sent["text"]
+        for handler in running:
+            await handler.settled(outcome.seq)
+        last = await event_log.stream_last_seq()
+        await api.wait_until(lambda: bot.position >= last, what="the bot to read every event")
+        assert len(api.texts(CHAT)) == 1
+    finally:
+        for handler in running:
+            await handler.stop()
