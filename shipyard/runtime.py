@@ -78,6 +78,8 @@ async def _start_roles(
         reporter = OpenClawReporter(events, settings)
         await reporter.start()
         services.append(reporter)
+    elif "roles" in info:
+        info["roles"] = [r for r in info["roles"] if r != "openclaw"]  # unconfigured: absent
     if "telegram" in roles and settings.telegram.enabled:
         # Imported here: aiogram takes seconds to import, which no process without a bot, and
         # no CLI command, should pay.

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "telegram"
 ACTOR = "telegram"
-STOP_TIMEOUT = 5.0  # seconds to let polling wind down before it is cancelled
+STOP_TIMEOUT = 3.0  # seconds to let polling wind down before it is cancelled
 # Telegram refuses these for good: retrying the same message cannot help.
 PERMANENT = (
     TelegramForbiddenError,
@@ -238,7 +238,9 @@ class TelegramService:
             await asyncio.wait_for(self.dispatcher.stop_polling(), STOP_TIMEOUT)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # Bounded: a follower cancelled while its consumer is being set up can linger.
+            await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
         self._tasks = []
         await self.bot.session.close()
 
