@@ -238,11 +238,16 @@ class TelegramService:
             await asyncio.wait_for(self.dispatcher.stop_polling(), STOP_TIMEOUT)
         for task in self._tasks:
             task.cancel()
-        if self._tasks:
+        pending: set[asyncio.Task[None]] = set(self._tasks)
+        if pending:
             # Bounded: a follower cancelled while its consumer is being set up can linger.
-            await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
-        self._tasks = []
+            _, pending = await asyncio.wait(pending, timeout=STOP_TIMEOUT)
         await self.bot.session.close()
+        if pending:
+            # A straggler that sends after the close opens a new HTTP session: close that too.
+            await asyncio.wait(pending, timeout=STOP_TIMEOUT)
+            await self.bot.session.close()
+        self._tasks = []
 
     # --- commands: long polling ---------------------------------------------------------
 

@@ -99,28 +99,30 @@ class OpenClawReporter:
         self.cfg = settings.openclaw
         self.delivered = 0  # reports the endpoint accepted (for tests and metrics)
         self._job: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         start = await self.events.seq_at(utcnow() - timedelta(seconds=self.cfg.horizon))
-        self._job = asyncio.create_task(self._follow(start), name="openclaw-reporter")
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout))
+        self._job = asyncio.create_task(self._follow(self._http, start), name="openclaw-reporter")
 
     async def stop(self) -> None:
         if self._job is not None:
             self._job.cancel()
             await asyncio.wait([self._job], timeout=STOP_TIMEOUT)
+        if self._http is not None:
+            await self._http.close()
 
-    async def _follow(self, start: int) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            async for event in self.events.follow(start=start):
-                if event.aggregate != "task" or not isinstance(event.data, _REPORTED):
-                    continue
-                try:
-                    await self._consider(http, event)
-                except ShipyardError as e:
-                    log.warning(
-                        "report of %s skipped: %s", event.id, e, extra={"action": "report_skip"}
-                    )
+    async def _follow(self, http: aiohttp.ClientSession, start: int) -> None:
+        async for event in self.events.follow(start=start):
+            if event.aggregate != "task" or not isinstance(event.data, _REPORTED):
+                continue
+            try:
+                await self._consider(http, event)
+            except ShipyardError as e:
+                log.warning(
+                    "report of %s skipped: %s", event.id, e, extra={"action": "report_skip"}
+                )
 
     async def _consider(self, http: aiohttp.ClientSession, event: Event[Any]) -> None:
         key = derived_id("a-", CHANNEL, self.cfg.hooks_url, event.id)
