@@ -327,6 +327,13 @@ async def call(
         msg = await nc.request(
             subject or command_subject(name), payload, timeout=timeout, headers=headers
         )
+    except nats.errors.MaxPayloadError as e:
+        limit = nc.max_payload
+        raise CommandRejected(
+            f"{name}: the request is {len(payload):,} bytes, too large for NATS (at most "
+            f"{limit:,}); put large context in files in the working directory",
+            code="too_large",
+        ) from e
     except nats.errors.NoRespondersError as e:
         raise CommandUnavailable() from e
     except nats.errors.TimeoutError as e:
