@@ -479,6 +479,11 @@ def _check_prompt(prompt: str, rework: bool, facts: dict[str, Any]) -> list[str]
         problems.append(
             f"payload.prompt: working directory {working_dir!r} must be an absolute path"
         )
+    if working_dir:
+        try:
+            _no_control(working_dir)
+        except ValueError as e:
+            problems.append(f"payload.prompt: working directory: {e}")
     deliverables_text = sections.get("Deliverables") or ""
     items = list_items(deliverables_text)
     if deliverables_text and "readme.md" not in deliverables_text.casefold():
