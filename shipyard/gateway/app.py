@@ -37,6 +37,7 @@ from shipyard.gateway import metrics, openapi, sse
 from shipyard.gateway.auth import COOKIE, Principal, Role, TokenStore
 from shipyard.projections import queries
 from shipyard.projections.projector import Projector
+from shipyard.redact import redact
 from shipyard.settings import Settings
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
@@ -281,7 +282,8 @@ def _tail(path: Path, n: int) -> list[str]:
             data = f.read()
     except FileNotFoundError:
         return []
-    return data.decode("utf-8", "replace").splitlines()[-n:]
+    # The handler writes the builder's output as printed; a secret it printed stays here.
+    return redact(data.decode("utf-8", "replace")).splitlines()[-n:]
 
 
 async def run_report(gw: Gateway, request: Request, who: Principal) -> Response:
