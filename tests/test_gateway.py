@@ -150,7 +150,7 @@ async def test_dispatch_over_http(client: Client, projector: Projector) -> None:
     assert "## Requirements" in err["error"]["template"]
     status, err = await client.call("POST", "/api/dispatch", data=b"{not json")
     assert status == 422
-    assert "not valid JSON" in err["error"]["message"]
+    assert "not valid JSON" in err["error"]["problems"][0]
     big = io.BytesIO(b"x" * (1024 * 1024 + 10))
     status, err = await client.call("POST", "/api/dispatch", data=big)
     assert status == 413

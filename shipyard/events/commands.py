@@ -67,9 +67,7 @@ class Commands:
     def __init__(self, events: EventLog) -> None:
         self.events = events
 
-    async def dispatch(
-        self, body: bytes | str | dict[str, Any], *, actor: str = ""
-    ) -> DispatchResult:
+    async def dispatch(self, body: object, *, actor: str = "") -> DispatchResult:
         """Validate and record a dispatch. A repeated ``idempotency_key`` returns the first
         task instead of making a second."""
         try:
@@ -304,9 +302,9 @@ class CommandService:
 
 def _task_args(body: bytes) -> dict[str, Any]:
     try:
-        args = msgspec.json.decode(body)
-    except msgspec.DecodeError as e:
-        raise CommandRejected(f"body: not valid JSON ({e})", code="invalid") from e
+        args = dispatch.decode_json(body)
+    except dispatch.MalformedBody as e:
+        raise CommandRejected(f"body: {e}", code="invalid") from e
     if not isinstance(args, dict) or not isinstance(args.get("task_id"), str):
         raise CommandRejected('body: send {"task_id": "t-…"}', code="invalid")
     return args
@@ -329,6 +327,13 @@ async def call(
         msg = await nc.request(
             subject or command_subject(name), payload, timeout=timeout, headers=headers
         )
+    except nats.errors.MaxPayloadError as e:
+        limit = nc.max_payload
+        raise CommandRejected(
+            f"{name}: the request is {len(payload):,} bytes, too large for NATS (at most "
+            f"{limit:,}); put large context in files in the working directory",
+            code="too_large",
+        ) from e
     except nats.errors.NoRespondersError as e:
         raise CommandUnavailable() from e
     except nats.errors.TimeoutError as e:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import unicodedata
 from typing import Annotated, Any
 
-import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shipyard.errors import CommandRejected
-from shipyard.events.dispatch import NAME_PATTERN
+from shipyard.events.dispatch import NAME_PATTERN, MalformedBody, decode_json
 from shipyard.events.envelope import make, new_id, short_id, valid_id
 from shipyard.events.log import EventLog
 from shipyard.events.types import EVERYONE, MessageRead, MessageSent, MessageType, Priority
@@ -67,9 +66,9 @@ def _decode(body: bytes | dict[str, Any]) -> Any:
     if isinstance(body, dict):
         return body
     try:
-        return msgspec.json.decode(body)
-    except msgspec.DecodeError as e:
-        raise CommandRejected("message refused", [f"body: not valid JSON ({e})"], "invalid") from e
+        return decode_json(body)
+    except MalformedBody as e:
+        raise CommandRejected("message refused", [f"body: {e}"], "invalid") from e
 
 
 async def send(

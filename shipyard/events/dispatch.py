@@ -308,9 +308,33 @@ def _pydantic_problems(exc: ValidationError) -> list[str]:
     return problems
 
 
-def _decode_body(body: bytes | str | dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+class MalformedBody(ValueError):
+    """The body is not a JSON document; the message says why and where."""
+
+
+def decode_json(raw: bytes) -> Any:
+    """Any JSON document, or :class:`MalformedBody`: invalid UTF-8 and nesting too deep for
+    the decoder are refused with a sentence, like malformed JSON."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedBody(
+            f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        ) from None
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise MalformedBody(f"not valid JSON ({e})") from e
+    except RecursionError:
+        raise MalformedBody("not valid JSON (nested too deeply)") from None
+
+
+def _decode_body(body: object) -> tuple[dict[str, Any] | None, list[str]]:
     if isinstance(body, dict):
         return body, []
+    if not isinstance(body, bytes | str):
+        # Already decoded (the gateway reads the body itself): any JSON value but an object.
+        return None, [f"body: must be a JSON object, not {type(body).__name__}"]
     if isinstance(body, str):
         body = body.encode("utf-8", "surrogatepass")
     if len(body) > MAX_DISPATCH_BYTES:
@@ -318,25 +342,20 @@ def _decode_body(body: bytes | str | dict[str, Any]) -> tuple[dict[str, Any] | N
             f"body: {len(body):,} bytes is too large; a dispatch may be at most "
             f"{MAX_DISPATCH_BYTES:,} bytes (put large context in files in the working directory)"
         ]
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, [f"body: not valid UTF-8 (byte 0x{body[e.start]:02x} at offset {e.start})"]
     if not body.strip():
         return None, ["body: empty; send the dispatch JSON"]
     try:
-        value = msgspec.json.decode(body)
-    except msgspec.DecodeError as e:
-        return None, [f"body: not valid JSON ({e})"]
-    except RecursionError:
-        return None, ["body: not valid JSON (nested too deeply)"]
+        value = decode_json(body)
+    except MalformedBody as e:
+        return None, [f"body: {e}"]
     if not isinstance(value, dict):
         return None, [f"body: must be a JSON object, not {type(value).__name__}"]
     return value, []
 
 
-def parse(body: bytes | str | dict[str, Any]) -> tuple[DispatchRequest, TaskDispatched]:
-    """Validate a dispatch and build the event that records it.
+def parse(body: object) -> tuple[DispatchRequest, TaskDispatched]:
+    """Validate a dispatch (raw bytes or text, or JSON already decoded) and build the event
+    that records it.
 
     Raises :class:`DispatchInvalid` naming every problem found.
     """
@@ -460,6 +479,11 @@ def _check_prompt(prompt: str, rework: bool, facts: dict[str, Any]) -> list[str]
         problems.append(
             f"payload.prompt: working directory {working_dir!r} must be an absolute path"
         )
+    if working_dir:
+        try:
+            _no_control(working_dir)
+        except ValueError as e:
+            problems.append(f"payload.prompt: working directory: {e}")
     deliverables_text = sections.get("Deliverables") or ""
     items = list_items(deliverables_text)
     if deliverables_text and "readme.md" not in deliverables_text.casefold():

@@ -37,10 +37,12 @@ from shipyard.gateway import metrics, openapi, sse
 from shipyard.gateway.auth import COOKIE, Principal, Role, TokenStore
 from shipyard.projections import queries
 from shipyard.projections.projector import Projector
+from shipyard.redact import redact
 from shipyard.settings import Settings
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 MAX_BODY = 1024 * 1024  # bytes in one request body
+DRAIN_LIMIT = 32 * 1024 * 1024  # bytes of a refused body read and dropped so its 413 is seen
 READERS: tuple[Role, ...] = ("admin", "dispatcher", "builder", "viewer")
 OPERATORS: tuple[Role, ...] = ("admin", "dispatcher")
 TALKERS: tuple[Role, ...] = ("admin", "dispatcher", "builder")
@@ -131,23 +133,45 @@ def route(gw: Gateway, roles: tuple[Role, ...], fn: Handler) -> Callable[[Reques
     return endpoint
 
 
-async def body_json(request: Request) -> Any:
+async def body_bytes(request: Request) -> bytes:
+    """The request body, refused with 413 past :data:`MAX_BODY` before more is kept."""
+    too_large = HTTPError(413, "too_large", f"the body may be at most {MAX_BODY:,} bytes")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_BODY:
-        raise HTTPError(413, "too_large", f"the body may be at most {MAX_BODY:,} bytes")
+        if request.headers.get("expect", "").lower() != "100-continue":
+            await _drain(request, 0)
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY:
-            raise HTTPError(413, "too_large", f"the body may be at most {MAX_BODY:,} bytes")
+            await _drain(request, size)
+            raise too_large
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def _drain(request: Request, size: int) -> None:
+    """Read and drop the rest of a refused body, up to :data:`DRAIN_LIMIT`. A client that
+    sends its whole body before it reads the answer would otherwise see the connection reset
+    instead of the 413 (one that asked `Expect: 100-continue` is answered before it sends)."""
+    while size <= DRAIN_LIMIT:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            return
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def body_json(request: Request) -> Any:
+    raw = await body_bytes(request)
+    if not raw:
+        return {}
     try:
-        return msgspec.json.decode(raw) if raw else {}
-    except msgspec.DecodeError as e:
-        raise HTTPError(422, "invalid", f"body: not valid JSON ({e})") from e
-    except RecursionError:
-        raise HTTPError(422, "invalid", "body: JSON nested too deeply") from None
+        return dispatch.decode_json(raw)
+    except dispatch.MalformedBody as e:
+        raise HTTPError(422, "invalid", f"body: {e}") from e
 
 
 def _q_int(request: Request, name: str, default: int, low: int = 0, high: int = 10**12) -> int:
@@ -258,7 +282,8 @@ def _tail(path: Path, n: int) -> list[str]:
             data = f.read()
     except FileNotFoundError:
         return []
-    return data.decode("utf-8", "replace").splitlines()[-n:]
+    # The handler writes the builder's output as printed; a secret it printed stays here.
+    return redact(data.decode("utf-8", "replace")).splitlines()[-n:]
 
 
 async def run_report(gw: Gateway, request: Request, who: Principal) -> Response:
@@ -342,7 +367,9 @@ async def inbox(gw: Gateway, request: Request, who: Principal) -> Response:
 
 
 async def post_dispatch(gw: Gateway, request: Request, who: Principal) -> Response:
-    body = await body_json(request)
+    # The raw bytes, so that a body which is not even JSON is refused, and recorded, exactly
+    # as over NATS.
+    body = await body_bytes(request)
     result = await gw.commands.dispatch(body, actor=f"{who.role}:{who.name}")
     return _json(result, 200 if result.duplicate else 201)
 

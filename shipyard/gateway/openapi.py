@@ -7,6 +7,7 @@ from typing import Any
 
 JSON = "application/json"
 ERROR = {"$ref": "#/components/schemas/Error"}
+ROWS = {"type": "array", "items": {"type": "object"}}  # a list of read-model rows
 
 
 def _ok(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -44,13 +45,16 @@ READ_ERRORS = (401, 403, 422)
 
 
 def _get(
-    summary: str, *params: dict[str, Any], errors: tuple[int, ...] = READ_ERRORS
+    summary: str,
+    *params: dict[str, Any],
+    errors: tuple[int, ...] = READ_ERRORS,
+    schema: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "get": {
             "summary": summary,
             "parameters": list(params),
-            "responses": {"200": _ok(summary), **_errors(*errors)},
+            "responses": {"200": _ok(summary, schema), **_errors(*errors)},
         }
     }
 
@@ -141,7 +145,7 @@ def document(version: str) -> dict[str, Any]:
             },
             "/api/meta": _get("Phases, columns, priorities, message types and templates"),
             "/api/status": _get("Queue, running builds, stale runs, projection progress"),
-            "/api/runs/live": _get("Runs in progress"),
+            "/api/runs/live": _get("Runs in progress", schema=ROWS),
             "/api/runs/{run_id}": _get(
                 "One run: phases, validations, plan", _path("run_id"), errors=(401, 403, 404)
             ),
@@ -173,6 +177,7 @@ def document(version: str) -> dict[str, Any]:
                 "Tasks, newest first",
                 _query("state", {"type": "string"}, "filter by state"),
                 limit,
+                schema=ROWS,
             ),
             "/api/tasks/{task_id}": _get(
                 "One task with its runs", _path("task_id"), errors=(401, 403, 404)
@@ -198,19 +203,28 @@ def document(version: str) -> dict[str, Any]:
                 limit,
                 _query("before", {"type": "integer", "minimum": 0}, "older than this sequence"),
                 _query("task_id", {"type": "string"}, "only this task"),
+                schema=ROWS,
             ),
-            "/api/kanban": _get("The Kanban board: task cards and their plan-step cards"),
+            "/api/kanban": _get(
+                "The Kanban board: task cards and their plan-step cards", schema=ROWS
+            ),
             "/api/groups": _get(
                 "Parallel groups: running ones with live counts, finished ones (last day) with "
-                "their merged outcome"
+                "their merged outcome",
+                schema=ROWS,
             ),
-            "/api/agents": _get("Agents and their runs"),
-            "/api/handlers": _get("Handlers and when they were last seen"),
+            "/api/agents": _get("Agents and their runs", schema=ROWS),
+            "/api/handlers": _get("Handlers and when they were last seen", schema=ROWS),
             "/api/threads": _get(
-                "Message threads", _query("agent", {"type": "string"}, "only with this agent")
+                "Message threads",
+                _query("agent", {"type": "string"}, "only with this agent"),
+                schema=ROWS,
             ),
             "/api/threads/{thread_id}": _get(
-                "A thread's messages with read receipts", _path("thread_id"), errors=(401, 403, 404)
+                "A thread's messages with read receipts",
+                _path("thread_id"),
+                errors=(401, 403, 404),
+                schema=ROWS,
             ),
             "/api/inbox/{agent}": _get(
                 "An agent's messages",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def confine(workdir: str, roots: list[Path]) -> Path:
         raise WorkdirRefused(f"working directory {workdir!r} must be an absolute path")
     if any(part == ".." for part in Path(workdir).parts):
         raise WorkdirRefused(f"working directory {workdir!r} must not contain '..'")
+    if any(unicodedata.category(ch) == "Cc" for ch in workdir):
+        # A NUL would make the path functions raise ValueError instead of refusing.
+        raise WorkdirRefused(f"working directory {workdir!r} must not contain control characters")
     real = Path(os.path.realpath(workdir))
     for root in roots:
         root_real = Path(os.path.realpath(root))
