@@ -40,12 +40,6 @@ XSS = (
     "<img src=x onerror=\"window.__pwned='img';alert(2)\">"
 )
 TITLE = f"Build {XSS} now"
-PIPELINE_LEAK = pytest.mark.xfail(
-    strict=True,
-    reason="handler/pipeline.py posts a failed builder's output unredacted as the phase "
-    "result (_phase(..., result=outcome.error)) and writes each output line unredacted to "
-    "logs/<task>/<run>.log (_log); both need redact() there",
-)
 
 TOML = """
 [handler]
@@ -164,7 +158,6 @@ def leaks(text: str) -> list[str]:
     return [name for name, value in SECRETS.items() if value in text]
 
 
-@PIPELINE_LEAK
 async def test_no_secret_lands_in_any_event(stack: Stack) -> None:
     """Every event in the stream, read whole from NATS, is free of every secret, although
     the builder printed them all."""
@@ -230,7 +223,6 @@ def test_no_secret_in_the_api_the_pages_or_telegram(stack: Stack) -> None:
     assert found == {}, sorted(found)
 
 
-@PIPELINE_LEAK
 def test_no_secret_in_a_failed_phases_result(stack: Stack) -> None:
     """The run's breakdown, its report, the task and the activity timeline carry no secret
     the builder printed."""
@@ -244,7 +236,6 @@ def test_no_secret_in_the_embedded_servers_log(stack: Stack) -> None:
     assert leaks(text) == []
 
 
-@PIPELINE_LEAK
 def test_no_secret_in_the_run_logs_or_reports(stack: Stack) -> None:
     """The builder's run log and the run's report on disk hold no secret."""
     data = stack.up.data_dir

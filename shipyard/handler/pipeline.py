@@ -25,7 +25,7 @@ from shipyard.gateway.auth import TokenStore
 from shipyard.handler import report, validate, workspace
 from shipyard.handler.process import BuilderProcess
 from shipyard.handler.runners.base import Invocation, Outcome, Runner, Update
-from shipyard.redact import is_secret_name, redact
+from shipyard.redact import is_secret_name, mask, secrets
 from shipyard.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,9 @@ class Run:
         self._log_file: Any = None
         self._tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._token = ""  # the builder's token for messaging, for this run only
+        # Masked in everything the builder's output reaches: the handler's secrets and the
+        # ones configured for this agent (its run token joins them when it is made).
+        self._secrets = sorted({*secrets(), *secrets(runner.settings.env)}, key=len, reverse=True)
 
     # --- outside control ------------------------------------------------------------
 
@@ -219,6 +222,8 @@ class Run:
     async def _phase(
         self, phase: t.Phase, status: t.PhaseStatus, action: str = "", result: str = ""
     ) -> None:
+        # Results quote the builder's output (its error, say), which may echo a secret.
+        action, result = mask(action, self._secrets), mask(result, self._secrets)
         now = utcnow()
         line = self.phase_lines.setdefault(phase, report.PhaseLine(phase, status.value))
         line.status = status.value
@@ -609,8 +614,8 @@ class Run:
                 reason=reason,
                 summary=summary,
                 phase=failed_phase,
-                error=redact(error[-4000:]),
-                log_tail="" if outcome == t.TaskState.SUCCEEDED else redact("\n".join(self._tail)),
+                error=mask(error[-4000:], self._secrets),
+                log_tail="" if outcome == t.TaskState.SUCCEEDED else "\n".join(self._tail),
             ),
             fate,
         ]
@@ -794,6 +799,7 @@ class Run:
             expires = utcnow() + timedelta(seconds=self.hs.builder_timeout * 3)
             store = TokenStore(self.settings.data_dir)
             self._token = store.create("builder", self.runner.name, expires=expires)
+            self._secrets = [self._token, *self._secrets]
         env.update(SHIPYARD_URL=url.rstrip("/"), SHIPYARD_TOKEN=self._token)
         return env
 
@@ -805,6 +811,7 @@ class Run:
             await self.heartbeat()
 
     def _log(self, line: str) -> None:
+        line = mask(line, self._secrets)
         self._tail.append(line[:LOG_TAIL_LINE_CHARS])
         if self._log_file is not None:
             self._log_file.write(line + "\n")  # buffered; flushed when each call ends
