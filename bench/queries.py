@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -32,7 +33,7 @@ from bench import _common as c
 from bench import workload
 from shipyard.events.log import EventLog, connect
 from shipyard.projections import queries
-from shipyard.projections.projector import build
+from shipyard.projections.projector import DB_FILE, ReadModels, build
 
 P99_TARGET_MS = 50.0  # every query, at most
 MIN_SAMPLES = 5  # calls of a query, at least, however slow it is
@@ -208,25 +209,31 @@ def query_latencies(
     return results
 
 
+async def grown(url: str, path: Path, runs: int, days: float) -> tuple[ReadModels, dict[str, int]]:
+    """The log at ``url`` replayed into a new DuckDB file at ``path`` and grown to ``runs``
+    finished runs (neither measured); the models are left open."""
+    nc = await connect([url], name="bench-replay")
+    try:
+        log = EventLog(nc)
+        n = await log.stream_last_seq()
+        c.note(f"replaying {n:,} events into a new DuckDB file (not measured)")
+        models = await build(log, path, stop=n)
+    finally:
+        await nc.close()
+    assert models.con is not None
+    c.note(f"growing the database to {runs:,} finished runs")
+    rows = await models.run(grow, models.con, runs, days * 86400.0 + 3600.0, n)
+    c.note(f"  {rows['history']:,} runs, {rows['cards']:,} cards")
+    return models, rows
+
+
 async def measure(quick: bool, parent: str | None) -> dict[str, Any]:
     sizes = QUICK if quick else FULL
     async with workload.stored(parent, "queries", sizes.events, sizes.days) as (root, server):
-        nc = await connect([server.url], name="bench-queries")
-        try:
-            log = EventLog(nc)
-            n = await log.stream_last_seq()
-            c.note(f"replaying {n:,} events into a new DuckDB file (not measured)")
-            models = await build(log, root / "readmodels.duckdb", stop=n)
-        finally:
-            await nc.close()
+        models, rows = await grown(server.url, root / DB_FILE, sizes.runs, sizes.days)
         try:
             assert models.con is not None
-            con = models.con
-            c.note(f"growing the database to {sizes.runs:,} finished runs")
-            span_s = sizes.days * 86400.0 + 3600.0
-            grown = await models.run(grow, con, sizes.runs, span_s, n)
-            c.note(f"  {grown['history']:,} runs, {grown['cards']:,} cards")
-            timed = await models.run(query_latencies, con, sizes.repeats, sizes.query_budget)
+            timed = await models.run(query_latencies, models.con, sizes.repeats, sizes.query_budget)
         finally:
             await models.close()
 
@@ -238,12 +245,12 @@ async def measure(quick: bool, parent: str | None) -> dict[str, Any]:
     return {
         "sizes": vars(sizes),
         "figures": figures,
-        "database": grown,
+        "database": rows,
         "latency_ms": {q.name: {**c.spread(q.samples), "rows": q.rows} for q in timed},
         "details": [
             "",
-            f"R = {grown['history']:,} finished runs, {grown['tasks']:,} tasks, "
-            f"{grown['cards']:,} cards. Baseline: {base.name}, same percentile.",
+            f"R = {rows['history']:,} finished runs, {rows['tasks']:,} tasks, "
+            f"{rows['cards']:,} cards. Baseline: {base.name}, same percentile.",
             "calls (rows): " + ", ".join(f"{q.name} {len(q.samples)} ({q.rows:,})" for q in timed),
         ],
     }
