@@ -28,6 +28,7 @@ BENCHMARKS = {
     "replay": "replay of 1,000,000 events into DuckDB vs a raw ordered consumer",
     "queries": "history and Kanban queries at 100,000 runs vs a bare DuckDB count",
     "sse": "append → 100 SSE clients vs ordered consumers",
+    "footprint": "idle RSS of shipyard up and cold start to /healthz vs bare Python + nats-server",
     "paint": "Command Center first paint with 100,000 runs in headless Chromium vs a static copy",
 }
 TIMEOUT = 600.0  # seconds one benchmark may take before it is stopped (full runs take < 120)
