@@ -161,9 +161,18 @@ def environment() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    os_name = ""
+    with contextlib.suppress(OSError):
+        release = dict(
+            line.split("=", 1)
+            for line in Path("/etc/os-release").read_text().splitlines()
+            if "=" in line
+        )
+        os_name = release.get("PRETTY_NAME", "").strip('"')
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "os": f"{os_name}, Linux {platform.release()}" if os_name else platform.platform(),
         "cpu": model,
         "cpus": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
@@ -302,7 +311,7 @@ class ShipyardUp:
 # --- the command line --------------------------------------------------------------------
 
 
-def _number(value: float | None, unit: str) -> str:
+def number(value: float | None, unit: str) -> str:
     if value is None:
         return "—"
     if unit == "ms":
@@ -322,9 +331,9 @@ def table(figures: Sequence[dict[str, Any]]) -> str:
     rows = [
         (
             f["name"],
-            _number(f["value"], f["unit"]),
-            _number(f["baseline"], f.get("baseline_unit") or f["unit"]),
-            _number(f["ratio"], ""),
+            number(f["value"], f["unit"]),
+            number(f["baseline"], f.get("baseline_unit") or f["unit"]),
+            number(f["ratio"], ""),
             f["target"] or "—",
             {True: "pass", False: "MISS", None: "—"}[f["passed"]],
         )

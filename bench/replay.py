@@ -30,7 +30,7 @@ import functools
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +58,25 @@ QUICK = Sizes(events=20_000, follow_sample=20_000, days=3.0)
 FULL = Sizes(events=1_000_000, follow_sample=100_000, days=30.0)
 
 
-async def raw_rate(log: EventLog, count: int, keep: int) -> tuple[float, list[bytes]]:
+Curve = list[tuple[float, int]]  # (seconds since the start, messages or events done)
+
+
+async def raw_rate(log: EventLog, count: int, keep: int) -> tuple[float, list[bytes], Curve]:
     """Messages per second of a bare nats-py ordered consumer receiving ``count`` messages
-    from sequence 1; also the first ``keep`` payloads."""
+    from sequence 1; also the first ``keep`` payloads, and its progress over time."""
     done = asyncio.Event()
     kept: list[bytes] = []
     received = 0
+    curve: Curve = [(0.0, 0)]
+    every = max(1, count // 50)
 
     async def on_message(msg: Msg) -> None:
         nonlocal received
         received += 1
         if len(kept) < keep:
             kept.append(msg.data)
+        if received % every == 0 or received >= count:
+            curve.append((time.perf_counter() - started, received))
         if received >= count:
             done.set()
 
@@ -83,7 +90,7 @@ async def raw_rate(log: EventLog, count: int, keep: int) -> tuple[float, list[by
         elapsed = time.perf_counter() - started
     finally:
         await sub.unsubscribe()
-    return count / elapsed, kept
+    return count / elapsed, kept, curve
 
 
 async def follow_raw_rate(log: EventLog, count: int) -> float:
@@ -109,6 +116,7 @@ class ApplyClock:
 
     seconds: float = 0.0
     batches: int = 0
+    done: list[tuple[float, int]] = field(default_factory=list)  # (perf_counter, events)
 
 
 @contextlib.contextmanager
@@ -122,8 +130,10 @@ def timing_apply() -> Iterator[ApplyClock]:
         try:
             return original(self, events)
         finally:
-            clock.seconds += time.perf_counter() - started
+            ended = time.perf_counter()
+            clock.seconds += ended - started
             clock.batches += 1
+            clock.done.append((ended, len(events)))
 
     ReadModels.apply_sync = timed  # type: ignore[method-assign]
     try:
@@ -160,7 +170,7 @@ async def measure(quick: bool, parent: str | None) -> dict[str, Any]:
         log = EventLog(nc)
         n = await log.stream_last_seq()
 
-        raw, payloads = await raw_rate(log, n, DECODE_SAMPLE)
+        raw, payloads, raw_curve = await raw_rate(log, n, DECODE_SAMPLE)
         c.note(f"raw ordered consumer, {n:,} messages: {raw:,.0f} msg/s")
         follow_n = min(n, sizes.follow_sample)
         follow = await follow_raw_rate(log, follow_n)
@@ -178,6 +188,9 @@ async def measure(quick: bool, parent: str | None) -> dict[str, Any]:
             elapsed = time.perf_counter() - started
         stack.push_async_callback(models.close)
         peak = status_mb("VmHWM")
+        replay_curve: Curve = [(0.0, 0)]
+        for ended, events in clock.done:
+            replay_curve.append((ended - started, replay_curve[-1][1] + events))
         rate = n / elapsed
         c.note(f"  {rate:,.0f} ev/s, peak RSS {peak:,.0f} MB")
         checkpoint = await models.run(models.checkpoint_sync)
@@ -205,6 +218,7 @@ async def measure(quick: bool, parent: str | None) -> dict[str, Any]:
             "apply_share": apply_share,
             "decode_share": decode_share,
         },
+        "curves": {"raw": raw_curve, "replay": replay_curve},
         "details": [
             "",
             f"N = {n:,} events. Baseline: a bare nats-py ordered consumer (a callback that",
