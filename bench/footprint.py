@@ -49,7 +49,7 @@ class Sizes:
 
 
 QUICK = Sizes(starts=1, settle_s=2.0)
-FULL = Sizes(starts=5, settle_s=10.0)
+FULL = Sizes(starts=5, settle_s=5.0)
 
 
 def free_port() -> int:
