@@ -25,8 +25,11 @@ from bench import _common as c
 BENCHMARKS = {
     "append": "append throughput vs raw publish_async; dispatch round trip",
     "handler": "dispatch → claimed / builder started; 200 concurrent runs: false STALE, CPU",
-    "replay": "replay into DuckDB vs a raw ordered consumer; history and Kanban queries",
+    "replay": "replay of 1,000,000 events into DuckDB vs a raw ordered consumer",
+    "queries": "history and Kanban queries at 100,000 runs vs a bare DuckDB count",
     "sse": "append → 100 SSE clients vs ordered consumers",
+    "footprint": "idle RSS of shipyard up and cold start to /healthz vs bare Python + nats-server",
+    "paint": "Command Center first paint with 100,000 runs in headless Chromium vs a static copy",
 }
 TIMEOUT = 600.0  # seconds one benchmark may take before it is stopped (full runs take < 120)
 

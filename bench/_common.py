@@ -134,12 +134,18 @@ def rss_mb(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KB / 1024
 
 
+def command_name(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
 def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(c) for c in text.split()]
+    """A process's children, whichever of its threads started them (``shipyard up`` starts
+    nats-server from a worker thread)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def environment() -> dict[str, Any]:
@@ -155,9 +161,18 @@ def environment() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    os_name = ""
+    with contextlib.suppress(OSError):
+        release = dict(
+            line.split("=", 1)
+            for line in Path("/etc/os-release").read_text().splitlines()
+            if "=" in line
+        )
+        os_name = release.get("PRETTY_NAME", "").strip('"')
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "os": f"{os_name}, Linux {platform.release()}" if os_name else platform.platform(),
         "cpu": model,
         "cpus": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
@@ -296,7 +311,7 @@ class ShipyardUp:
 # --- the command line --------------------------------------------------------------------
 
 
-def _number(value: float | None, unit: str) -> str:
+def number(value: float | None, unit: str) -> str:
     if value is None:
         return "—"
     if unit == "ms":
@@ -316,9 +331,9 @@ def table(figures: Sequence[dict[str, Any]]) -> str:
     rows = [
         (
             f["name"],
-            _number(f["value"], f["unit"]),
-            _number(f["baseline"], f.get("baseline_unit") or f["unit"]),
-            _number(f["ratio"], ""),
+            number(f["value"], f["unit"]),
+            number(f["baseline"], f.get("baseline_unit") or f["unit"]),
+            number(f["ratio"], ""),
             f["target"] or "—",
             {True: "pass", False: "MISS", None: "—"}[f["passed"]],
         )

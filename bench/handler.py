@@ -652,11 +652,11 @@ async def measure_on(url: str, sizes: Sizes, layout: Layout, server_pid: int) ->
         "",
         "baseline: a plain JetStream publish until an ordered consumer has it, same percentile.",
         "where the time goes, p50 / p99 (from the handler's own event stamps):",
-        f"  dispatch returned → claim made by handler  {ms('to_claim_made')}",
-        f"  claim made → claim seen by the follower    {ms('claim_write')}",
-        f"  claim made → BUILD phase started           {ms('to_build_phase')}",
-        f"  BUILD started → builder_started (spawn)    {ms('spawn')}",
-        f"  builder_started → builder runs (guard)     {ms('guard')}",
+        f"  dispatch returned → claim made by handler      {ms('to_claim_made')}",
+        f"  claim made → claim seen by the follower        {ms('claim_write')}",
+        f"  claim made → BUILD phase started               {ms('to_build_phase')}",
+        f"  BUILD started → builder_started (acks, spawn)  {ms('spawn')}",
+        f"  builder_started → builder runs (guard)         {ms('guard')}",
         f"{n} concurrent runs: all builders started {concurrent.all_started_s:.2f}s after the "
         f"first dispatch; handler {100 * concurrent.handler_cpu_s / concurrent.window_s:.1f} % "
         f"of a core in the {concurrent.window_s:.0f}s window (idle {idle_pct:.2f} %); "

@@ -126,6 +126,31 @@ async def test_a_task_runs_through_all_eight_phases(
     assert (tmp_path / "work" / "a" / "README.md").exists()
 
 
+async def test_events_before_the_builder_starts_are_stored_in_the_order_they_were_made(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """The phase changes up to BUILD go out without waiting for each acknowledgement, yet
+    the log holds them in the order the handler made them, all before builder_started."""
+    cfg = h.settings(tmp_path)
+    await start(handlers, event_log, cfg)
+    task_id = (await Commands(event_log).dispatch(body(tmp_path, "order"))).task_id
+    await h.wait_for(event_log, h.finished(task_id))
+
+    events = await history(event_log, task_id)
+    upto = next(i for i, e in enumerate(events) if e.type == "builder_started")
+    made = [e.time for e in events[1:]]  # stamped when made, after the dispatch
+    assert made == sorted(made)
+    changes = [(e.data.phase, e.data.status) for e in events[:upto] if e.type == "phase_changed"]
+    assert changes == [
+        (phase, status)
+        for phase in (Phase.CONTEXT, Phase.PLAN, Phase.TASK_BOARD)
+        for status in (PhaseStatus.STARTED, PhaseStatus.SUCCEEDED)
+    ] + [(Phase.BUILD, PhaseStatus.STARTED)]
+    kinds = [e.type for e in events[:upto]]
+    assert kinds.index("plan_recorded") < kinds.index("card_added")
+    assert kinds.count("work_progress") == len(changes)
+
+
 async def test_validation_failure_is_healed(
     tmp_path: Path, event_log: EventLog, handlers: list[Handler]
 ) -> None:

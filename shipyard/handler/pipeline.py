@@ -157,6 +157,7 @@ class Run:
         self._builder: BuilderProcess | None = None
         self._last_progress_post = 0.0
         self._pending_moves: list[t.CardMoved] = []
+        self._unacked: list[asyncio.Task[int]] = []  # appends sent, not yet acknowledged
         self._log_path = settings.data_dir / "logs" / self.task_id / f"{run_id}.log"
         self._log_file: Any = None
         self._tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
@@ -182,15 +183,35 @@ class Run:
     def _event(self, data: t.EventData) -> Event[Any]:
         return make(data, aggregate_id=self.task_id, actor=self.actor)
 
+    def _send(self, *events: Event[Any], track: bool = True) -> list[asyncio.Task[int]]:
+        """Start appending ``events`` without waiting for their acknowledgements. Plain
+        appends, not an atomic batch: these events need no all-or-nothing (each is
+        idempotent) and a batch commit costs ten times more.
+
+        Order holds: each append is a task, tasks take their first step in the order they
+        were made, and that step writes the request to the connection. So every append of
+        a run goes through here, or one could overtake those still waiting to start."""
+        tasks = [asyncio.ensure_future(self.events.append(e)) for e in events]
+        if track:
+            self._unacked += tasks
+        return tasks
+
+    async def _acked(self) -> None:
+        """Wait until everything sent so far is stored; raise the first failure."""
+        pending, self._unacked = self._unacked, []
+        for result in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+
+    def _post(self, *data: t.EventData) -> None:
+        """Append in order, acknowledged later (:meth:`_acked`): for the phase changes before
+        the builder starts, which then cost one round trip instead of one each."""
+        self._send(*(self._event(d) for d in data))
+
     async def _append(self, *data: t.EventData) -> None:
-        """Append in order. Plain appends sent together, not an atomic batch: these events
-        need no all-or-nothing (each is idempotent) and a batch commit costs ten times more."""
-        events = [self._event(d) for d in data]
-        if len(events) == 1:
-            await self.events.append(events[0])
-        else:
-            # Each request is written to the connection before the next starts: order holds.
-            await asyncio.gather(*(self.events.append(e) for e in events))
+        """Append in order and wait until these, and all sent before, are stored."""
+        self._post(*data)
+        await self._acked()
 
     def _progress_event(self) -> t.WorkProgress:
         p = self.progress
@@ -215,13 +236,22 @@ class Run:
         self.active = False
         self._last_progress_post = asyncio.get_running_loop().time()
         try:
-            await self._append(self._progress_event())
+            # Not waiting for the run's own appends in flight: their failures are the run's.
+            await asyncio.gather(*self._send(self._event(self._progress_event()), track=False))
         except ShipyardError as e:
             log.warning("heartbeat for %s failed: %s", self.run_id, e)
 
     async def _phase(
-        self, phase: t.Phase, status: t.PhaseStatus, action: str = "", result: str = ""
+        self,
+        phase: t.Phase,
+        status: t.PhaseStatus,
+        action: str = "",
+        result: str = "",
+        *,
+        wait: bool = True,
     ) -> None:
+        """Record a phase change and the progress it makes; ``wait=False`` leaves the
+        acknowledgements to the next :meth:`_acked`."""
         # Results quote the builder's output (its error, say), which may echo a secret.
         action, result = mask(action, self._secrets), mask(result, self._secrets)
         now = utcnow()
@@ -242,7 +272,9 @@ class Run:
             run_id=self.run_id, phase=phase, status=status, action=action, result=result[:2000]
         )
         self.active = False
-        await self._append(changed, self._progress_event())
+        self._post(changed, self._progress_event())
+        if wait:
+            await self._acked()
 
     # --- the pipeline ---------------------------------------------------------------
 
@@ -278,6 +310,8 @@ class Run:
         finally:
             if self._builder is not None:
                 await self._builder.kill()
+            # A run that broke may leave appends in flight: wait so none fails unseen.
+            await asyncio.gather(*self._unacked, return_exceptions=True)
             self._log_file.close()
             if self._token:
                 await asyncio.to_thread(TokenStore(self.settings.data_dir).revoke, self._token)
@@ -289,7 +323,9 @@ class Run:
 
     # 1. CONTEXT
     async def _context(self) -> None:
-        await self._phase(P.CONTEXT, t.PhaseStatus.STARTED, "gathering context")
+        # Up to BUILD's builder, phase changes are sent without waiting for each to be
+        # stored: their round trips overlap (see _call_builder, which waits for them all).
+        await self._phase(P.CONTEXT, t.PhaseStatus.STARTED, "gathering context", wait=False)
         try:
             roots = [*self.hs.workdir_roots, self.settings.data_dir / "demo"]
             self.workdir = workspace.confine(self.spec.working_dir, roots)
@@ -337,9 +373,9 @@ class Run:
             # Put into the prompt, so read: the builder cannot mark them itself.
             for thread_id, m in notes:
                 receipt = t.MessageRead(message_id=m.message_id, reader=self.runner.name)
-                await self.events.append(make(receipt, aggregate_id=thread_id, actor=self.actor))
+                self._send(make(receipt, aggregate_id=thread_id, actor=self.actor))
         what.append(f"{len(self.before)} files in {self.workdir}")
-        await self._phase(P.CONTEXT, t.PhaseStatus.SUCCEEDED, result=", ".join(what))
+        await self._phase(P.CONTEXT, t.PhaseStatus.SUCCEEDED, result=", ".join(what), wait=False)
 
     def _prerequisite_results(self) -> list[str]:
         lines = []
@@ -362,10 +398,14 @@ class Run:
     async def _plan(self) -> None:
         self._check()
         if not self.runner.can_plan:
-            await self._phase(P.PLAN, t.PhaseStatus.STARTED, "deriving the plan from Requirements")
+            await self._phase(
+                P.PLAN, t.PhaseStatus.STARTED, "deriving the plan from Requirements", wait=False
+            )
             await self._record_plan(requirements_plan(self.spec.prompt), "requirements", "")
             return
-        await self._phase(P.PLAN, t.PhaseStatus.STARTED, f"{self.runner.name} is planning")
+        await self._phase(
+            P.PLAN, t.PhaseStatus.STARTED, f"{self.runner.name} is planning", wait=False
+        )
         prompt = (
             self.context_prompt
             + "\n\n## Now\nMake a plan only: a numbered list of concrete steps that together "
@@ -380,7 +420,7 @@ class Run:
 
     async def _record_plan(self, steps: list[str], source: str, text: str) -> None:
         self.plan_steps = steps[:50]
-        await self._append(
+        self._post(
             t.PlanRecorded(
                 run_id=self.run_id,
                 source=source,
@@ -390,13 +430,18 @@ class Run:
             )
         )
         await self._phase(
-            P.PLAN, t.PhaseStatus.SUCCEEDED, result=f"{len(self.plan_steps)} steps ({source})"
+            P.PLAN,
+            t.PhaseStatus.SUCCEEDED,
+            result=f"{len(self.plan_steps)} steps ({source})",
+            wait=False,
         )
 
     # 3. TASK BOARD
     async def _task_board(self) -> None:
         self._check()
-        await self._phase(P.TASK_BOARD, t.PhaseStatus.STARTED, "putting the plan on the board")
+        await self._phase(
+            P.TASK_BOARD, t.PhaseStatus.STARTED, "putting the plan on the board", wait=False
+        )
         cards = []
         for i, step in enumerate(self.plan_steps):
             card_id = f"{self.run_id}-{i + 1}"
@@ -405,14 +450,17 @@ class Run:
             cards.append(
                 t.CardAdded(run_id=self.run_id, card_id=card_id, title=step[:300], position=i)
             )
-        for start in range(0, len(cards), 20):
-            await self._append(*cards[start : start + 20])
-        await self._phase(P.TASK_BOARD, t.PhaseStatus.SUCCEEDED, result=f"{len(cards)} cards")
+        self._post(*cards)
+        await self._phase(
+            P.TASK_BOARD, t.PhaseStatus.SUCCEEDED, result=f"{len(cards)} cards", wait=False
+        )
 
     # 4. BUILD
     async def _build(self) -> None:
         self._check()
-        await self._phase(P.BUILD, t.PhaseStatus.STARTED, f"{self.runner.name} is building")
+        await self._phase(
+            P.BUILD, t.PhaseStatus.STARTED, f"{self.runner.name} is building", wait=False
+        )
         steps = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(self.plan_steps))
         prompt = (
             self.context_prompt if not self.session_id else f"# Task {self.task_id}"
@@ -674,6 +722,8 @@ class Run:
             env=env,
             grace=self.hs.kill_grace,
         )
+        # The builder starts only once every phase change before it is stored.
+        await self._acked()
         try:
             await proc.start()
         except OSError as e:
