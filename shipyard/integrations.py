@@ -37,9 +37,15 @@ class Written:
 
 
 def shipyard_argv() -> list[str]:
-    """How another program should start this shipyard: by name when it is on PATH, else
-    through this Python."""
-    return ["shipyard"] if shutil.which("shipyard") else [sys.executable, "-m", "shipyard.cli"]
+    """How another program should start this shipyard: by name when that name finds this
+    install on PATH (portable across machines), else by this install's own path."""
+    ours = Path(sys.executable).parent / "shipyard"
+    found = shutil.which("shipyard")
+    if found and (not ours.exists() or Path(found).resolve() == ours.resolve()):
+        return ["shipyard"]
+    if ours.exists():
+        return [str(ours)]
+    return [sys.executable, "-m", "shipyard.cli"]
 
 
 def _is_our_hook(hook: Any) -> bool:
