@@ -93,6 +93,25 @@ class Up:
             timeout=60,
         )
 
+    def wait_finished(self, task_id: str) -> str:
+        """Follow the task's events (`shipyard events --follow`) until it finishes; return
+        the line that says how."""
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "shipyard.cli", "events", "--follow", "--task", task_id],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert follow.stdout is not None
+        found = ""
+        for line in follow.stdout:
+            if "task_finished" in line:
+                found = line
+                break
+        follow.terminate()
+        follow.communicate(timeout=10)
+        return found
+
     def stop(self) -> int:
         """SIGTERM it, collect what it printed (``output``, ``errors``), return its status."""
         if self.proc.poll() is None:

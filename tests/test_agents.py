@@ -287,18 +287,7 @@ def test_a_builder_gets_a_run_scoped_builder_token(shipyard: Up, tmp_path: Path)
     prompt = body["payload"]["prompt"].replace("app/health.py", "hello.txt")
     body["payload"]["prompt"] = prompt.replace("python -m pytest -q", "test -f hello.txt")
     task_id = shipyard.cli("dispatch", "-", stdin=json.dumps(body)).stdout.strip()
-    follow = subprocess.Popen(
-        [sys.executable, "-m", "shipyard.cli", "events", "--follow", "--task", task_id],
-        env=shipyard.env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert follow.stdout is not None
-    for line in follow.stdout:
-        if "task_finished" in line:
-            break
-    follow.terminate()
-    follow.communicate(timeout=10)
+    line = shipyard.wait_finished(task_id)
     assert "task succeeded" in line
 
     seen = json.loads((tmp_path / "messenger.json").read_text())

@@ -209,18 +209,7 @@ def test_status_history_and_audit_show_a_finished_build(tmp_path: Path) -> None:
         prompt = body["payload"]["prompt"].replace("app/health.py", "hello.txt")
         body["payload"]["prompt"] = prompt.replace("python -m pytest -q", "test -f hello.txt")
         task_id = running.cli("dispatch", "-", stdin=json.dumps(body)).stdout.strip()
-        follow = subprocess.Popen(
-            [sys.executable, "-m", "shipyard.cli", "events", "--follow", "--task", task_id],
-            env=running.env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert follow.stdout is not None
-        for line in follow.stdout:
-            if "task_finished" in line:
-                break
-        follow.terminate()
-        follow.communicate(timeout=10)
+        line = running.wait_finished(task_id)
         assert "task succeeded" in line
 
         # --fresh waits for the projection to reach the log's end: no race with the last batch.
@@ -357,18 +346,7 @@ command = [{q(sys.executable)}, {q(SCRIPTED)}, "{{phase}}", "fail"]
     try:
         body = dispatch_body(workdir=str(tmp_path / "work" / "rw"))
         task_id = running.cli("dispatch", "-", stdin=json.dumps(body)).stdout.strip()
-        follow = subprocess.Popen(
-            [sys.executable, "-m", "shipyard.cli", "events", "--follow", "--task", task_id],
-            env=running.env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert follow.stdout is not None
-        for line in follow.stdout:
-            if "task_finished" in line:
-                break
-        follow.terminate()
-        follow.communicate(timeout=10)
+        assert "task failed" in running.wait_finished(task_id)
         history = json.loads(running.cli("history", "--json", "--fresh").stdout)
         run_id = history["rows"][0]["run_id"]
 
