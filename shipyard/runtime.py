@@ -75,7 +75,9 @@ async def _start_roles(
         info["dashboard"] = gateway.login_url
         info["gateway_url"] = gateway.url
     if "openclaw" in roles and settings.openclaw.hooks_url:
-        reporter = OpenClawReporter(events, settings)
+        reporter = OpenClawReporter(
+            events, settings, dashboard_url=info.get("gateway_url") or _dashboard(settings)
+        )
         await reporter.start()
         services.append(reporter)
     elif "roles" in info:

@@ -40,9 +40,12 @@ def with_hooks(cfg: Settings, hooks: FakeHooks) -> Settings:
 
 
 async def reporter(
-    started: list[Handler | OpenClawReporter], log: EventLog, cfg: Settings
+    started: list[Handler | OpenClawReporter],
+    log: EventLog,
+    cfg: Settings,
+    dashboard_url: str = "",
 ) -> OpenClawReporter:
-    service = OpenClawReporter(log, cfg)
+    service = OpenClawReporter(log, cfg, dashboard_url=dashboard_url)
     await service.start()
     started.append(service)
     return service
@@ -58,11 +61,12 @@ async def test_a_finished_task_openclaw_dispatched_is_reported_once(
     tmp_path: Path, event_log: EventLog, hooks: FakeHooks, running: list[Handler | OpenClawReporter]
 ) -> None:
     """A task dispatched by `openclaw` that succeeds is posted to {hooks_url}/agent with the
-    bearer token, the agentId, its summary and idempotencyKey = the event's id; a task another
+    bearer token, the agentId, its summary, a link to its run on the dashboard and
+    idempotencyKey = the event's id; a task another
     dispatcher sent is not reported; the delivery is recorded once in the log."""
     cfg = with_hooks(h.settings(tmp_path), hooks)
     await handler(running, event_log, cfg)
-    await reporter(running, event_log, cfg)
+    await reporter(running, event_log, cfg, dashboard_url="http://dash.test:7780/")
     commands = Commands(event_log)
     cron = body(tmp_path, "cron")
     cron["payload"]["dispatcher"] = "cron"
@@ -77,6 +81,7 @@ async def test_a_finished_task_openclaw_dispatched_is_reported_once(
     assert report["idempotencyKey"] == done.id
     assert report["message"].startswith(f'Shipyard: "Greeting claw" ({task_id}) succeeded.')
     assert "turns" in report["message"]
+    assert report["message"].endswith(f"\nhttp://dash.test:7780/#/?run={done.data.run_id}")
     delivered = await h.wait_for(event_log, lambda e: e.type == "alert_delivered")
     assert delivered.data.source_event == done.id
     assert delivered.data.kind == "succeeded"

@@ -41,11 +41,11 @@ from aiogram.types import InlineKeyboardMarkup
 from aiogram.utils.backoff import BackoffConfig
 from nats.aio.client import Client as NATS
 
-from shipyard.errors import ConcurrencyConflict, ShipyardError
+from shipyard.errors import ShipyardError
 from shipyard.events import types as t
-from shipyard.events.envelope import Event, derived_id, make
+from shipyard.events.envelope import Event
 from shipyard.events.log import EventLog
-from shipyard.gateway import alerts
+from shipyard.gateway import alerts, delivery
 from shipyard.gateway.telegram_commands import BotCommands, failure_keyboard
 from shipyard.settings import Settings, TelegramSettings
 
@@ -67,7 +67,7 @@ PERMANENT = (
 
 def alert_id(chat_id: int, source_event: str) -> str:
     """The aggregate that records one alert's delivery to one chat."""
-    return derived_id("a-", CHANNEL, str(chat_id), source_event)
+    return delivery.record_id(CHANNEL, str(chat_id), source_event)
 
 
 def make_bot(settings: TelegramSettings) -> Bot:
@@ -315,7 +315,7 @@ class TelegramService:
         chats = [
             chat
             for chat in self.settings.chat_ids
-            if not await self.events.last_seq("alert", alert_id(chat, event.id))
+            if not await delivery.delivered(self.events, CHANNEL, str(chat), event.id)
         ]
         if not chats:
             return
@@ -353,24 +353,14 @@ class TelegramService:
         return first.title if isinstance(first, t.TaskDispatched) else ""
 
     async def _record(self, chat_id: int, alert: alerts.Alert) -> None:
-        data = t.AlertDelivered(
-            channel=CHANNEL,
-            target=str(chat_id),
-            source_event=alert.source_event,
-            kind=alert.kind.value,
+        await delivery.record(
+            self.events,
+            CHANNEL,
+            str(chat_id),
+            alert.source_event,
+            alert.kind.value,
+            actor=ACTOR,
         )
-        event = make(data, aggregate_id=alert_id(chat_id, alert.source_event), actor=ACTOR)
-        try:
-            await self.events.append(event, expect=0)
-        except ConcurrencyConflict:
-            pass  # another instance sent it too and recorded it first
-        except ShipyardError as e:
-            log.warning(
-                "telegram: sent, but could not record, the alert on %s: %s",
-                alert.source_event,
-                e,
-                extra={"action": "telegram_record_failed"},
-            )
         log.info(
             "telegram: %s alert to chat %s",
             alert.kind,

@@ -13,7 +13,6 @@ here can hold up a build.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,11 +21,11 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from shipyard.errors import ConcurrencyConflict, ShipyardError
+from shipyard.errors import ShipyardError
 from shipyard.events import types as t
-from shipyard.events.envelope import Event, derived_id, make, utcnow
+from shipyard.events.envelope import Event, utcnow
 from shipyard.events.log import EventLog
-from shipyard.gateway import links
+from shipyard.gateway import alerts, delivery
 from shipyard.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,10 +92,10 @@ def describe(event: Event[Any], history: list[Event[Any]], link: str) -> Report 
 
 
 class OpenClawReporter:
-    def __init__(self, events: EventLog, settings: Settings) -> None:
+    def __init__(self, events: EventLog, settings: Settings, *, dashboard_url: str = "") -> None:
         self.events = events
-        self.settings = settings
         self.cfg = settings.openclaw
+        self.base_url = (settings.gateway.public_url or dashboard_url).rstrip("/")
         self.delivered = 0  # reports the endpoint accepted (for tests and metrics)
         self._job: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -125,25 +124,27 @@ class OpenClawReporter:
                 )
 
     async def _consider(self, http: aiohttp.ClientSession, event: Event[Any]) -> None:
-        key = derived_id("a-", CHANNEL, self.cfg.hooks_url, event.id)
-        if await self.events.last_seq("alert", key):
+        target = self.cfg.hooks_url
+        if await delivery.delivered(self.events, CHANNEL, target, event.id):
             return  # sent before
         history = await self.events.history("task", event.aggregate_id)
         if not history or history[0].data.dispatcher not in self.cfg.dispatchers:
             return
-        run_id = getattr(event.data, "run_id", "")
-        link = await asyncio.to_thread(
-            links.run_link, self.settings, run_id=run_id, task_id=event.aggregate_id
-        )
+        link = ""
+        if self.base_url:
+            run_id = getattr(event.data, "run_id", "")
+            link = (
+                alerts.run_link(self.base_url, run_id)
+                if run_id
+                else alerts.task_link(self.base_url, event.aggregate_id)
+            )
         report = describe(event, history, link)
         if report is None:
             return
         if await self._send(http, report):
-            record = t.AlertDelivered(
-                channel=CHANNEL, target=self.cfg.hooks_url, source_event=event.id, kind=report.kind
+            await delivery.record(
+                self.events, CHANNEL, target, event.id, report.kind, actor="openclaw"
             )
-            with contextlib.suppress(ConcurrencyConflict):
-                await self.events.append(make(record, aggregate_id=key, actor="openclaw"), expect=0)
 
     async def _send(self, http: aiohttp.ClientSession, report: Report) -> bool:
         body = {
