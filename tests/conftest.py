@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -120,6 +121,37 @@ class Up:
         self.output = "".join(self.banner) + out
         self.errors = err
         return self.proc.returncode
+
+
+def up_with_agent(
+    tmp_path: Path,
+    agent: str,
+    argv: list[str],
+    *,
+    agent_env: dict[str, str] | None = None,
+    handler: dict[str, int | float] | None = None,
+    env: dict[str, str] | None = None,
+) -> Up:
+    """`shipyard up`, ready, whose default agent is the `command` builder ``argv``, with work
+    directories confined to ``tmp_path/work``."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "work").mkdir()
+    q = json.dumps
+    options = "".join(f"{key} = {q(value)}\n" for key, value in (handler or {}).items())
+    agent_env_line = (
+        "env = {" + ", ".join(f"{k} = {q(v)}" for k, v in agent_env.items()) + "}\n"
+        if agent_env
+        else ""
+    )
+    (data / "shipyard.toml").write_text(
+        f"[handler]\ndefault_agent = {q(agent)}\nworkdir_roots = [{q(str(tmp_path / 'work'))}]\n"
+        f'{options}\n[agents.{agent}]\nkind = "command"\n'
+        f"command = [{', '.join(q(a) for a in argv)}]\n{agent_env_line}"
+    )
+    running = Up(data, env=env)
+    running.wait_ready()
+    return running
 
 
 @pytest.fixture

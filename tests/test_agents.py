@@ -20,7 +20,7 @@ import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from tests.conftest import Up
+from tests.conftest import Up, up_with_agent
 from tests.samples import dispatch_body
 
 MESSENGER = str(Path(__file__).parent / "builders" / "messenger.py")
@@ -41,24 +41,13 @@ def run_cli(data: Path, *args: str, cwd: Path | None = None) -> subprocess.Compl
 @pytest.fixture
 def shipyard(tmp_path: Path) -> Iterator[Up]:
     """`shipyard up` whose `messenger` agent reports what its builder token may do."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (tmp_path / "work").mkdir()
-    q = json.dumps
-    (data / "shipyard.toml").write_text(
-        f"""
-[handler]
-default_agent = "messenger"
-workdir_roots = [{q(str(tmp_path / "work"))}]
-
-[agents.messenger]
-kind = "command"
-command = [{q(sys.executable)}, {q(MESSENGER)}, "{{phase}}"]
-env = {{ SHIPYARD_TEST_OUT = {q(str(tmp_path / "messenger.json"))} }}
-"""
+    running = up_with_agent(
+        tmp_path,
+        "messenger",
+        [sys.executable, MESSENGER, "{phase}"],
+        agent_env={"SHIPYARD_TEST_OUT": str(tmp_path / "messenger.json")},
+        env={"SHIPYARD_ADMIN_TOKEN": "sy_admin-token-for-the-test-only"},
     )
-    running = Up(data, env={"SHIPYARD_ADMIN_TOKEN": "sy_admin-token-for-the-test-only"})
-    running.wait_ready()
     yield running
     running.stop()
 

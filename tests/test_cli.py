@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shipyard.cli import build_parser
-from tests.conftest import Up
+from tests.conftest import Up, up_with_agent
 from tests.handlers import SCRIPTED
 from tests.samples import dispatch_body
 
@@ -180,24 +180,7 @@ def test_cancel_and_retry_from_the_command_line(tmp_path: Path) -> None:
 
 
 def _up_with_scripted_builder(tmp_path: Path) -> Up:
-    data = tmp_path / "data"
-    data.mkdir()
-    (tmp_path / "work").mkdir()
-    q = json.dumps
-    (data / "shipyard.toml").write_text(
-        f"""
-[handler]
-default_agent = "scripted"
-workdir_roots = [{q(str(tmp_path / "work"))}]
-
-[agents.scripted]
-kind = "command"
-command = [{q(sys.executable)}, {q(SCRIPTED)}, "{{phase}}", "ok"]
-"""
-    )
-    running = Up(data)
-    running.wait_ready()
-    return running
+    return up_with_agent(tmp_path, "scripted", [sys.executable, SCRIPTED, "{phase}", "ok"])
 
 
 def test_status_history_and_audit_show_a_finished_build(tmp_path: Path) -> None:
@@ -325,24 +308,12 @@ def test_a_taken_gateway_port_is_a_clear_error(tmp_path: Path) -> None:
 def test_rework_writes_a_fix_dispatch_that_dispatches(tmp_path: Path) -> None:
     """`shipyard rework RUN_ID -o FILE` writes the Fix: dispatch for a failed run, quoting
     the real failure; sent as it is, it is accepted; a run id that does not exist is refused."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (tmp_path / "work").mkdir()
-    q = json.dumps
-    (data / "shipyard.toml").write_text(
-        f"""
-[handler]
-default_agent = "broken"
-max_attempts = 1
-workdir_roots = [{q(str(tmp_path / "work"))}]
-
-[agents.broken]
-kind = "command"
-command = [{q(sys.executable)}, {q(SCRIPTED)}, "{{phase}}", "fail"]
-"""
+    running = up_with_agent(
+        tmp_path,
+        "broken",
+        [sys.executable, SCRIPTED, "{phase}", "fail"],
+        handler={"max_attempts": 1},
     )
-    running = Up(data)
-    running.wait_ready()
     try:
         body = dispatch_body(workdir=str(tmp_path / "work" / "rw"))
         task_id = running.cli("dispatch", "-", stdin=json.dumps(body)).stdout.strip()
