@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 
 from shipyard.embedded import EmbeddedNats
 from shipyard.events.log import EventLog, connect
+from shipyard.handler.service import Handler
 from shipyard.projections.projector import Projector, ReadModels
 
 
@@ -39,6 +40,15 @@ async def event_log(nc: NATS) -> EventLog:
     log = EventLog(nc)
     await log.ensure_stream()
     return log
+
+
+@pytest.fixture
+async def handlers(event_log: EventLog) -> AsyncIterator[list[Handler]]:
+    """Handlers a test starts are stopped after it."""
+    running: list[Handler] = []
+    yield running
+    for handler in running:
+        await handler.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ real nats-server with real builder processes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,7 @@ from shipyard.projections import queries
 from shipyard.projections.projector import Projector
 from shipyard.settings import HandlerSettings, Settings
 from tests import handlers as h
-from tests.test_handler import body
-
-
-@pytest.fixture
-async def handlers(event_log: EventLog) -> AsyncIterator[list[Handler]]:
-    running: list[Handler] = []
-    yield running
-    for handler in running:
-        await handler.stop()
+from tests.test_handler import body, start
 
 
 def with_agents(cfg: Settings, **handler: Any) -> Settings:
@@ -36,13 +27,6 @@ def with_agents(cfg: Settings, **handler: Any) -> Settings:
     agents = {**cfg.agents, "reviewer": cfg.agents["ok"]}
     options = {**cfg.handler.model_dump(), **handler}
     return cfg.model_copy(update={"agents": agents, "handler": HandlerSettings(**options)})
-
-
-async def start(running: list[Handler], log: EventLog, cfg: Settings, name: str) -> Handler:
-    handler = Handler(log, cfg, handler_id=name)
-    await handler.start()
-    running.append(handler)
-    return handler
 
 
 def prompt_of(tmp: Path, task_id: str, phase: str = "build") -> str:

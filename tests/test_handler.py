@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +46,6 @@ def body(
     b["agent"] = agent
     b["action_name"] = b["payload"]["task_title"] = f"Greeting {name}"
     return b
-
-
-@pytest.fixture
-async def handlers(event_log: EventLog) -> AsyncIterator[list[Handler]]:
-    """Handlers a test starts are stopped after it."""
-    running: list[Handler] = []
-    yield running
-    for handler in running:
-        await handler.stop()
 
 
 async def start(running: list[Handler], log: EventLog, cfg: Settings, name: str = "") -> Handler:
