@@ -38,3 +38,12 @@ def dispatch_body(workdir: str = "/srv/app", **overrides: Any) -> dict[str, Any]
     }
     body.update(overrides)
     return body
+
+
+def hello_body(workdir: str) -> dict[str, Any]:
+    """A dispatch the scripted builder fulfils: its deliverable is hello.txt, and the test
+    command checks that it exists."""
+    body = dispatch_body(workdir=workdir)
+    prompt = body["payload"]["prompt"].replace("app/health.py", "hello.txt")
+    body["payload"]["prompt"] = prompt.replace("python -m pytest -q", "test -f hello.txt")
+    return body

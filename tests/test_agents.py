@@ -21,7 +21,7 @@ from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from tests.conftest import Up, up_with_agent
-from tests.samples import dispatch_body
+from tests.samples import dispatch_body, hello_body
 
 MESSENGER = str(Path(__file__).parent / "builders" / "messenger.py")
 
@@ -272,9 +272,7 @@ def test_a_builder_gets_a_run_scoped_builder_token(shipyard: Up, tmp_path: Path)
     token: it may message as itself and read its own inbox, but not speak for others,
     dispatch, cancel, escalate or read another inbox; the handler's own secrets are not in its
     environment; and the token stops working when the run ends."""
-    body = dispatch_body(workdir=str(tmp_path / "work" / "msg"))
-    prompt = body["payload"]["prompt"].replace("app/health.py", "hello.txt")
-    body["payload"]["prompt"] = prompt.replace("python -m pytest -q", "test -f hello.txt")
+    body = hello_body(str(tmp_path / "work" / "msg"))
     task_id = shipyard.cli("dispatch", "-", stdin=json.dumps(body)).stdout.strip()
     line = shipyard.wait_finished(task_id)
     assert "task succeeded" in line

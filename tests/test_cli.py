@@ -13,7 +13,7 @@ import pytest
 from shipyard.cli import build_parser
 from tests.conftest import Up, up_with_agent
 from tests.handlers import SCRIPTED
-from tests.samples import dispatch_body
+from tests.samples import dispatch_body, hello_body
 
 SUBCOMMANDS = sorted(
     name
@@ -188,9 +188,7 @@ def test_status_history_and_audit_show_a_finished_build(tmp_path: Path) -> None:
     handler, and `audit` prints every event phase by phase (also as JSON and JSON lines)."""
     running = _up_with_scripted_builder(tmp_path)
     try:
-        body = dispatch_body(workdir=str(tmp_path / "work" / "demo"))
-        prompt = body["payload"]["prompt"].replace("app/health.py", "hello.txt")
-        body["payload"]["prompt"] = prompt.replace("python -m pytest -q", "test -f hello.txt")
+        body = hello_body(str(tmp_path / "work" / "demo"))
         task_id = running.cli("dispatch", "-", stdin=json.dumps(body)).stdout.strip()
         line = running.wait_finished(task_id)
         assert "task succeeded" in line

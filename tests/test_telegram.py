@@ -36,7 +36,7 @@ from tests import handlers as h
 from tests.conftest import Up
 from tests.fakes.telegram_api import TOKEN, Failure, FakeTelegram
 from tests.handlers import SCRIPTED
-from tests.samples import dispatch_body
+from tests.samples import dispatch_body, hello_body
 from tests.test_handler import body as greeting_body
 
 CHAT = 4242
@@ -699,9 +699,7 @@ poll_timeout = 1
     running = Up(data, env=env)
     running.wait_ready()
     try:
-        body = dispatch_body(workdir=str(work / "demo"))
-        prompt = body["payload"]["prompt"].replace("app/health.py", "hello.txt")
-        body["payload"]["prompt"] = prompt.replace("python -m pytest -q", "test -f hello.txt")
+        body = hello_body(str(work / "demo"))
         result = running.cli("dispatch", "-", stdin=json.dumps(body))
         assert result.returncode == 0, result.stderr
         task_id = result.stdout.strip()
