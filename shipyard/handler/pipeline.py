@@ -162,6 +162,7 @@ class Run:
         self._log_file: Any = None
         self._tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._token = ""  # the builder's token for messaging, for this run only
+        self._comms: dict[str, str] = {}  # what the builder is told of it, once made
         # Masked in everything the builder's output reaches: the handler's secrets and the
         # ones configured for this agent (its run token joins them when it is made).
         self._secrets = sorted({*secrets(), *secrets(runner.settings.env)}, key=len, reverse=True)
@@ -839,19 +840,21 @@ class Run:
     def _comms_env(self) -> dict[str, str]:
         """Who the builder is, and — when this data dir's gateway runs — its address and a
         builder-role token valid for this run only: the builder may message as its agent,
-        never dispatch or append phases."""
+        never dispatch or append phases. Worked out at the first builder call that finds the
+        gateway, then kept for the run's later calls."""
+        if self._comms:
+            return self._comms
         env = {"SHIPYARD_AGENT": self.runner.name}
         info = instance.read_info(self.settings.data_dir) or {}
-        url = self.settings.gateway.public_url or info.get("gateway_url", "")
-        if not url or not info.get("gateway_url"):
-            return env
-        if not self._token:
-            expires = utcnow() + timedelta(seconds=self.hs.builder_timeout * 3)
-            store = TokenStore(self.settings.data_dir)
-            self._token = store.create("builder", self.runner.name, expires=expires)
-            self._secrets = [self._token, *self._secrets]
-        env.update(SHIPYARD_URL=url.rstrip("/"), SHIPYARD_TOKEN=self._token)
-        return env
+        if not info.get("gateway_url"):
+            return env  # not up yet (a claim at start-up), or not in this data dir
+        url = self.settings.gateway.public_url or info["gateway_url"]
+        expires = utcnow() + timedelta(seconds=self.hs.builder_timeout * 3)
+        store = TokenStore(self.settings.data_dir)
+        self._token = store.create("builder", self.runner.name, expires=expires)
+        self._secrets = [self._token, *self._secrets]
+        self._comms = {**env, "SHIPYARD_URL": url.rstrip("/"), "SHIPYARD_TOKEN": self._token}
+        return self._comms
 
     async def _maybe_progress(self) -> None:
         now = asyncio.get_running_loop().time()
