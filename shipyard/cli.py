@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 
-from shipyard import __version__, console, demo, instance, integrations, runtime
+from shipyard import __version__, access, console, demo, instance, integrations, runtime
 from shipyard import settings as settings_mod
 from shipyard.errors import CommandRejected, ConfigError, NotRunning, ShipyardError
 from shipyard.events import commands, rework, text
@@ -46,6 +46,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--nats",
         metavar="URL[,URL...]",
         help="use these NATS servers instead of the embedded one (env SHIPYARD_NATS_URL)",
+    )
+    group.add_argument(
+        "--nats-creds",
+        metavar="FILE",
+        help="NATS credentials file (JWT + NKey) for a secured server (env SHIPYARD_NATS_CREDS; "
+        "or SHIPYARD_NATS_USER / SHIPYARD_NATS_PASSWORD, SHIPYARD_NATS_TOKEN)",
     )
     group.add_argument(
         "--config",
@@ -363,6 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="", help="who it is for (a builder: its agent name)")
     create.set_defaults(func=cmd_token_create)
 
+    nats_user = sub.add_parser(
+        "nats-user",
+        help="print a role's NATS user for the embedded server",
+        description=(
+            "Print SHIPYARD_NATS_URL, SHIPYARD_NATS_USER and SHIPYARD_NATS_PASSWORD for one "
+            "role's user on the running embedded nats-server, as lines for a shell or an env "
+            "file. Roles: service (handlers and other roles run elsewhere), admin, dispatcher "
+            "(dispatch, cancel, retry, messages), viewer (read only), builder (one agent's own "
+            "messages; needs --agent). The URL changes at every start; the password does not."
+        ),
+    )
+    _common(nats_user)
+    nats_user.add_argument("role", choices=list(access.ROLES))
+    nats_user.add_argument("--agent", default="", help="the builder's agent")
+    nats_user.set_defaults(func=cmd_nats_user)
+
     events = sub.add_parser(
         "events",
         help="print the event log as an audit trail",
@@ -394,7 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return settings_mod.load(config_file=args.config, data_dir=args.data_dir, nats_url=args.nats)
+    return settings_mod.load(
+        config_file=args.config,
+        data_dir=args.data_dir,
+        nats_url=args.nats,
+        nats_creds=getattr(args, "nats_creds", None),
+    )
 
 
 async def _connect(cfg: Settings) -> NATS:
@@ -407,9 +434,7 @@ async def _connect(cfg: Settings) -> NATS:
                 "(or pass --nats URL, or --data-dir of the running one)"
             )
         urls = list(info["nats_url"])
-    return await connect(
-        urls, name="shipyard-cli", user=cfg.nats_user or None, password=cfg.nats_password or None
-    )
+    return await connect(urls, name="shipyard-cli", credentials=access.credentials_for(cfg))
 
 
 def _with_nats(args: argparse.Namespace, body: Callable[[NATS], Awaitable[int]]) -> int:
@@ -591,6 +616,28 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_nats_user(args: argparse.Namespace) -> int:
+    cfg = _settings(args)
+    if not cfg.embedded:
+        raise ConfigError(
+            "--nats names a server of your own: its users are in its own configuration"
+        )
+    info = instance.read_info(cfg.data_dir)
+    if info is None or not info.get("embedded"):
+        raise NotRunning(
+            f"no Shipyard with the embedded nats-server runs on {cfg.data_dir}: start it with "
+            "`shipyard up` (the server's address changes at every start)"
+        )
+    if (args.role == "builder") != bool(args.agent):
+        raise ConfigError("--agent goes with the builder role, and only with it")
+    users = access.Users.load(access.nats_dir(cfg.data_dir))
+    creds = users.credentials(args.role, args.agent)
+    print(f"SHIPYARD_NATS_URL={','.join(info['nats_url'])}")
+    print(f"SHIPYARD_NATS_USER={creds.user}")
+    print(f"SHIPYARD_NATS_PASSWORD={creds.password}")
+    return EXIT_OK
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     async def go(nc: NATS) -> int:
         body = {
@@ -603,7 +650,9 @@ def cmd_send(args: argparse.Namespace) -> int:
             "reply_to": args.reply_to,
             "task_id": args.task,
         }
-        result = await commands.call(nc, "send", body)
+        result = await commands.call(
+            nc, "send", body, subject=commands.scoped_subject("send", args.sender)
+        )
         print(f"{result['message_id']} in thread {result['thread_id']}")
         return EXIT_OK
 
@@ -628,6 +677,7 @@ def cmd_inbox(args: argparse.Namespace) -> int:
                     nc,
                     "mark_read",
                     {"reader": args.agent, "thread_id": thread_id, "message_ids": ids},
+                    subject=commands.scoped_subject("mark_read", args.agent),
                 )
         if args.json:
             _print_json(result)
@@ -653,7 +703,9 @@ def _inbox_hook(args: argparse.Namespace) -> int:
             by_thread.setdefault(m["thread_id"], []).append(m["message_id"])
         for thread_id, ids in by_thread.items():
             body = {"reader": args.agent, "thread_id": thread_id, "message_ids": ids}
-            await commands.call(nc, "mark_read", body)
+            await commands.call(
+                nc, "mark_read", body, subject=commands.scoped_subject("mark_read", args.agent)
+            )
         context = console.inbox_context(args.agent, messages)
         hook = {"hookEventName": "SessionStart", "additionalContext": context}
         print(json.dumps({"hookSpecificOutput": hook}))

@@ -25,7 +25,9 @@ import threading
 from collections import deque
 from pathlib import Path
 
+from shipyard.access import Users
 from shipyard.errors import EmbeddedServerError
+from shipyard.instance import write_private
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,11 @@ def _die_with_parent() -> None:
 class EmbeddedNats:
     """One nats-server process with JetStream, its files under ``root``."""
 
-    def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = -1) -> None:
+    def __init__(
+        self, root: Path, *, host: str = "127.0.0.1", port: int = -1, users: Users | None = None
+    ) -> None:
         self.root = root
+        self.users = users  # with users, nobody connects without credentials
         self.host = host
         self.port = port
         self.store_dir = root / "store"
@@ -83,20 +88,20 @@ class EmbeddedNats:
 
     def write_config(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        config = "\n".join(
-            [
-                "# Written by Shipyard at every start; edits are overwritten.",
-                "server_name: shipyard",
-                f"listen: {json.dumps(f'{self.host}:{self.port}')}",
-                "max_payload: 2MB",
-                "jetstream {",
-                f"  store_dir: {json.dumps(str(self.store_dir))}",
-                "  sync_interval: always",
-                "}",
-                "",
-            ]
-        )
-        self.config_path.write_text(config)
+        lines = [
+            "# Written by Shipyard at every start; edits are overwritten.",
+            "server_name: shipyard",
+            f"listen: {json.dumps(f'{self.host}:{self.port}')}",
+            "max_payload: 2MB",
+            "jetstream {",
+            f"  store_dir: {json.dumps(str(self.store_dir))}",
+            "  sync_interval: always",
+            "}",
+        ]
+        if self.users is not None:
+            # JSON is valid NATS configuration; quoted strings keep ``$JS…`` literal.
+            lines.append(f"authorization: {json.dumps(self.users.authorization(), indent=1)}")
+        write_private(self.config_path, "\n".join(lines) + "\n")  # it holds passwords
 
     def start(self, timeout: float = START_TIMEOUT) -> str:
         """Start the server and return its URL once it accepts clients."""

@@ -80,13 +80,17 @@ def is_running(data_dir: Path) -> bool:
     return False
 
 
-def write_info(data_dir: Path, info: dict[str, Any]) -> None:
-    path = data_dir / INFO_FILE
-    tmp = path.with_suffix(".tmp")
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text``, readable by its owner only."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_info(data_dir: Path, info: dict[str, Any]) -> None:
+    write_private(data_dir / INFO_FILE, json.dumps(info, indent=2))
 
 
 def read_info(data_dir: Path) -> dict[str, Any] | None:

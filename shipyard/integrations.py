@@ -20,6 +20,7 @@ from typing import Any
 from shipyard.errors import ConfigError, ShipyardError
 from shipyard.gateway.auth import Role, TokenStore
 from shipyard.gateway.client import agent_token_path
+from shipyard.instance import write_private
 from shipyard.settings import default_data_dir
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -85,9 +86,7 @@ def ensure_token(data_dir: Path, agent: str, role: Role, *, renew: bool = False)
         return "kept"
     token = TokenStore(data_dir).create(role, agent)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    write_private(path, token + "\n")
     return "made"
 
 

@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from shipyard import __version__, instance, redact
+from shipyard import __version__, access, instance, redact
+from shipyard.access import Users
 from shipyard.embedded import EmbeddedNats
 from shipyard.errors import ConfigError
 from shipyard.events.commands import Commands, CommandService
@@ -32,6 +33,7 @@ from shipyard.settings import Settings
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 5.0  # seconds to flush and unsubscribe at shutdown
+START_WAIT = 30.0  # seconds `up` waits for a configured NATS to accept it (it may start later)
 # Every role this release can run; openclaw runs only when its hooks_url is set, telegram
 # only when a token and chats are.
 ROLES = ("projector", "commands", "handler", "gateway", "openclaw", "telegram")
@@ -159,6 +161,7 @@ async def run(
 
     for secret in (
         settings.nats_password,
+        settings.nats_token,
         settings.openclaw.token,
         settings.telegram.token.get_secret_value(),
     ):
@@ -168,15 +171,21 @@ async def run(
     server: EmbeddedNats | None = None
     try:
         if settings.embedded:
-            server = EmbeddedNats(settings.data_dir / "nats")
+            # Every role gets its own NATS user; this process runs as the service.
+            users = Users.ensure(access.nats_dir(settings.data_dir), list(settings.agents))
+            for password in users.passwords.values():
+                redact.add_secret(password)
+            server = EmbeddedNats(access.nats_dir(settings.data_dir), users=users)
             urls = [await asyncio.to_thread(server.start)]
+            credentials = users.credentials("service")
         else:
             urls = list(settings.nats_url)
+            credentials = access.credentials_for(settings, "service")
         nc = await connect(
             urls,
             name=f"shipyard-up@{socket.gethostname()}",
-            user=settings.nats_user or None,
-            password=settings.nats_password or None,
+            credentials=credentials,
+            wait=START_WAIT,
         )
         try:
             events = EventLog(nc)

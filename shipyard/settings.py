@@ -213,6 +213,10 @@ class Settings(BaseModel):
     )
     nats_user: str = ""
     nats_password: str = ""
+    nats_creds: str = Field(
+        default="", description="a NATS .creds file (JWT and NKey seed) for a secured cluster"
+    )
+    nats_token: str = ""
     stream_replicas: int = Field(default=1, ge=1, le=5)
     handler: HandlerSettings = Field(default_factory=HandlerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
@@ -245,6 +249,8 @@ _ENV_FIELDS = {
     "NATS_URL": "nats_url",
     "NATS_USER": "nats_user",
     "NATS_PASSWORD": "nats_password",
+    "NATS_CREDS": "nats_creds",
+    "NATS_TOKEN": "nats_token",
     "STREAM_REPLICAS": "stream_replicas",
 }
 _ENV_HANDLER_FIELDS = {

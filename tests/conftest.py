@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
+from shipyard import access
+from shipyard.access import Role
 from shipyard.embedded import EmbeddedNats
 from shipyard.events.log import EventLog, connect
 from shipyard.handler.service import Handler
@@ -122,6 +124,14 @@ class Up:
         follow.terminate()
         follow.communicate(timeout=10)
         return found
+
+    async def connect(self, role: Role = "admin", agent: str = "", name: str = "test") -> NATS:
+        """A NATS connection to its embedded server as the given role's user."""
+        info = json.loads((self.data_dir / "instance.json").read_text())
+        users = access.Users.load(access.nats_dir(self.data_dir))
+        return await connect(
+            info["nats_url"], name=name, credentials=users.credentials(role, agent)
+        )
 
     def stop(self) -> int:
         """SIGTERM it, collect what it printed (``output``, ``errors``), return its status."""

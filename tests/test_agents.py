@@ -284,7 +284,21 @@ def test_a_builder_gets_a_run_scoped_builder_token(shipyard: Up, tmp_path: Path)
     assert (seen["send_as_self"], seen["own_inbox"]) == (201, 200)
     for forbidden in ("send_as_other", "dispatch", "cancel", "escalate", "other_inbox"):
         assert seen[forbidden] == 403, forbidden
+    # The same over NATS, with the agent's own NATS user and the `shipyard` CLI.
+    nats = seen["nats"]
+    assert seen["nats_user"] == "builder-messenger"
+    assert nats["send_as_self"]["exit"] == 0, nats["send_as_self"]
+    assert nats["own_inbox"]["exit"] == 0, nats["own_inbox"]
+    assert json.loads(nats["own_inbox"]["said"])["agent"] == "messenger"
+    for forbidden in ("send_as_other", "other_inbox", "dispatch", "cancel", "events"):
+        assert nats[forbidden]["exit"] != 0, forbidden
+        assert "Traceback" not in nats[forbidden]["said"], nats[forbidden]
+    assert "may not use sy.cmd.send.openclaw" in nats["send_as_other"]["said"]
+    assert "may not use sy.qry.inbox.openclaw" in nats["other_inbox"]["said"]
+    assert "may not use sy.cmd.dispatch" in nats["dispatch"]["said"]
     status, _ = http(gateway_url(shipyard) + "/api/status", seen["token"])
     assert status == 401, "the run's token outlived the run"
     inbox = json.loads(shipyard.cli("inbox", "--agent", "openclaw", "--json").stdout)
     assert any(m["sender"] == "messenger" and m["body"] == "built it" for m in inbox["messages"])
+    assert any(m["sender"] == "messenger" and m["body"] == "over NATS" for m in inbox["messages"])
+    assert not any(m["body"] == "spoofed" for m in inbox["messages"])

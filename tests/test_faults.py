@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 from pathlib import Path
 
 from shipyard.events import commands
-from shipyard.events.log import EventLog, connect
+from shipyard.events.log import EventLog
 from tests.conftest import Up
 from tests.samples import dispatch_body
 
@@ -29,13 +28,12 @@ async def test_kill_9_of_nats_during_a_burst_loses_no_acknowledged_dispatch(
     data = tmp_path / "data"
     first = Up(data, "--roles", "commands,projector,gateway")
     first.wait_ready()
-    info = json.loads((data / "instance.json").read_text())
     nats_pid = int((data / "nats" / "nats.pid").read_text())
 
     acked: dict[int, str] = {}  # request number -> task id
     failed: dict[int, str] = {}  # request number -> what the caller was told
     killed = asyncio.Event()
-    nc = await connect(info["nats_url"], name="burst")
+    nc = await first.connect("dispatcher", name="burst")
     gate = asyncio.Semaphore(IN_FLIGHT)
 
     async def one(n: int) -> None:
@@ -64,8 +62,7 @@ async def test_kill_9_of_nats_during_a_burst_loses_no_acknowledged_dispatch(
     second = Up(data)
     second.wait_ready()
     try:
-        info = json.loads((data / "instance.json").read_text())
-        nc = await connect(info["nats_url"], name="check")
+        nc = await second.connect(name="check")
         try:
             log = EventLog(nc)
             missing = [

@@ -20,7 +20,7 @@ import pytest
 
 from shipyard.events import types as t
 from shipyard.events.envelope import make
-from shipyard.events.log import EventLog, connect
+from shipyard.events.log import EventLog
 from shipyard.gateway import alerts
 from tests.conftest import Up
 from tests.fakes.telegram_api import FakeTelegram, plain_text
@@ -161,8 +161,7 @@ def leaks(text: str) -> list[str]:
 async def test_no_secret_lands_in_any_event(stack: Stack) -> None:
     """Every event in the stream, read whole from NATS, is free of every secret, although
     the builder printed them all."""
-    info = json.loads((stack.up.data_dir / "instance.json").read_text())
-    nc = await connect(info["nats_url"], name="hostile-test")
+    nc = await stack.up.connect(name="hostile-test")
     try:
         log = EventLog(nc)
         found = {}

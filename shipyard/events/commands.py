@@ -20,6 +20,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from shipyard import access
 from shipyard.errors import (
     AppendFailed,
     CommandRejected,
@@ -29,7 +30,7 @@ from shipyard.errors import (
 )
 from shipyard.events import comms, dispatch, escalation
 from shipyard.events.envelope import make, new_id, valid_id
-from shipyard.events.log import EventLog
+from shipyard.events.log import EventLog, watch_denial
 from shipyard.events.tasks import Task, TaskBook
 from shipyard.events.types import (
     DispatchRejected,
@@ -225,7 +226,7 @@ class CommandService:
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
-            f"{COMMAND_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_message
+            f"{COMMAND_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_message
         )
 
     async def stop(self) -> None:
@@ -242,14 +243,24 @@ class CommandService:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, msg: Msg) -> None:
-        name = msg.subject.rsplit(".", 1)[-1]
+        name, _, scope = msg.subject[len(COMMAND_PREFIX) + 1 :].partition(".")
         actor = (msg.headers or {}).get("Shipyard-Actor", "")
         handler = self._handlers.get(name)
         if handler is None:
             known = ", ".join(sorted(self._handlers))
             reply = _error_reply("unknown_command", f"no command {name!r}; known: {known}")
+        elif scope and name not in SCOPED:
+            reply = _error_reply(
+                "unknown_command",
+                f"{msg.subject}: only {' and '.join(SCOPED)} take an agent in the subject",
+            )
         else:
             try:
+                if scope:
+                    # Sent on the agent's own subject, which NATS lets only that agent (and
+                    # operators) use: the body must speak for the same agent.
+                    actor = f"agent:{scope}"
+                    _check_scope(msg.data, SCOPED[name], scope)
                 reply = await handler(msg.data, actor)
             except dispatch.DispatchInvalid as e:
                 reply = _error_reply(e.code, e.message, e.problems, template=e.template)
@@ -300,6 +311,29 @@ class CommandService:
         return {"ok": True, "result": result}
 
 
+# Commands an agent sends for itself on ``sy.cmd.<name>.<agent>``, and the body field that
+# must name that agent.
+SCOPED = {"send": "sender", "mark_read": "reader"}
+
+
+def scoped_subject(name: str, agent: str) -> str:
+    """The subject on which ``agent`` sends ``name`` for itself (see :mod:`shipyard.access`)."""
+    return f"{COMMAND_PREFIX}.{name}.{access.token(agent)}"
+
+
+def _check_scope(body: bytes, field: str, scope: str) -> None:
+    try:
+        args = dispatch.decode_json(body)
+    except dispatch.MalformedBody as e:
+        raise CommandRejected(f"body: {e}", code="invalid") from e
+    named = args.get(field) if isinstance(args, dict) else None
+    if not isinstance(named, str) or access.token(named) != scope:
+        raise CommandRejected(
+            f"{field}: on this subject you may only act as {scope.replace('~', '.')!r}",
+            code="forbidden",
+        )
+
+
 def _task_args(body: bytes) -> dict[str, Any]:
     try:
         args = dispatch.decode_json(body)
@@ -323,10 +357,25 @@ async def call(
     its result; raise :class:`CommandRejected` on refusal."""
     payload = body if isinstance(body, bytes) else msgspec.json.encode(body)
     headers = {"Shipyard-Actor": actor} if actor else None
+    subject = subject or command_subject(name)
     try:
-        msg = await nc.request(
-            subject or command_subject(name), payload, timeout=timeout, headers=headers
-        )
+        with watch_denial(nc, subject) as denied:
+            request = asyncio.ensure_future(
+                nc.request(subject, payload, timeout=timeout, headers=headers)
+            )
+            try:
+                await asyncio.wait((request, denied), return_when=asyncio.FIRST_COMPLETED)
+                refused = not request.done()
+            finally:
+                if not request.done():
+                    request.cancel()  # refused by NATS, or the caller gave up
+            if refused:
+                raise CommandRejected(
+                    f"{name}: your NATS user may not use {subject} ({denied.result()}); "
+                    "connect with credentials of a role that may",
+                    code="forbidden",
+                )
+            msg = request.result()
     except nats.errors.MaxPayloadError as e:
         limit = nc.max_payload
         raise CommandRejected(

@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+import re
+import weakref
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +30,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
+from shipyard.access import Credentials
 from shipyard.errors import AppendFailed, ConcurrencyConflict, ConnectionFailed, StreamMissing
 from shipyard.events.envelope import SUBJECT_PREFIX, Event, aggregate_subject, decode, encode
 from shipyard.events.types import REGISTRY, Registry
@@ -39,6 +42,7 @@ ALL_EVENTS = f"{SUBJECT_PREFIX}.>"
 MAX_EVENT_BYTES = 1024 * 1024  # one event, encoded; the stream refuses anything larger
 DUPLICATE_WINDOW = 120.0  # seconds in which a repeated Nats-Msg-Id is recognised
 APPEND_TIMEOUT = 5.0  # seconds for one publish acknowledgement
+CONNECT_WAIT = 5.0  # seconds to keep trying the first connection
 APPEND_RETRY_FOR = 30.0  # seconds an append keeps retrying while the server is unreachable
 
 ERR_WRONG_LAST_SEQUENCE = 10071
@@ -54,18 +58,73 @@ H_BATCH_SEQ = "Nats-Batch-Sequence"
 H_BATCH_COMMIT = "Nats-Batch-Commit"
 
 
+_NATS_ERROR = {"action": "nats_error"}
+# The server's answer to a publish this user may not make; it names the subject only.
+_DENIED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+_denials: weakref.WeakKeyDictionary[NATS, dict[str, set[asyncio.Future[str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextlib.contextmanager
+def watch_denial(nc: NATS, subject: str) -> Iterator[asyncio.Future[str]]:
+    """A future set (to the server's message) if NATS refuses this connection's user a
+    publish to ``subject`` meanwhile: a request refused that way gets no reply at all, and
+    its caller deserves better than a timeout. Works on connections made by :func:`connect`."""
+    future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    waiting = _denials.setdefault(nc, {}).setdefault(subject, set())
+    waiting.add(future)
+    try:
+        yield future
+    finally:
+        waiting.discard(future)
+        if not waiting:
+            _denials.get(nc, {}).pop(subject, None)
+
+
 async def connect(
     servers: Sequence[str],
     *,
     name: str = "shipyard",
-    user: str | None = None,
-    password: str | None = None,
+    credentials: Credentials | None = None,
     connect_timeout: float = 3.0,
+    wait: float = CONNECT_WAIT,
 ) -> NATS:
-    """Connect to NATS; once connected, reconnect forever if the connection drops."""
+    """Connect to NATS, trying for up to ``wait`` seconds; once connected, reconnect forever
+    if the connection drops. Refused credentials fail at once, with a message saying so."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    connected = False
+    shown = ", ".join(servers)
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s", exc, extra={"action": "nats_error"})
+        if not connected:
+            text = str(exc).lower()
+            if "authorization violation" in text or "authentication" in text:
+                who = (
+                    f"user {credentials.user!r}"
+                    if credentials and credentials.user
+                    else ("these credentials" if credentials else "no credentials")
+                )
+                raise ConnectionFailed(
+                    f"NATS at {shown} refused {who}: check SHIPYARD_NATS_USER / "
+                    "SHIPYARD_NATS_PASSWORD (or --nats-creds); on the embedded server, "
+                    "`shipyard nats-user ROLE` prints working ones"
+                )
+            if loop.time() >= deadline:
+                raise ConnectionFailed(
+                    f"could not connect to NATS at {shown} within {wait:.0f}s: "
+                    f"{exc or type(exc).__name__}. Check that the server runs and the URL is "
+                    "right."
+                )
+        refused = _DENIED.search(str(exc))
+        waiting = _denials.get(nc, {}).get(refused.group(1), set()) if refused else set()
+        for future in waiting:
+            if not future.done():
+                future.set_result(str(exc))
+        if not waiting:  # else its caller is told, in its own words
+            text = str(exc) or type(exc).__name__
+            log.warning(text if text.startswith("nats") else f"nats: {text}", extra=_NATS_ERROR)
 
     async def on_disconnected() -> None:
         # Also called on a deliberate close, so not a warning by itself.
@@ -74,26 +133,34 @@ async def connect(
     async def on_reconnected() -> None:
         log.info("nats: reconnected", extra={"action": "nats_reconnected"})
 
+    options: dict[str, Any] = {
+        "servers": list(servers),
+        "name": name,
+        "connect_timeout": connect_timeout,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "allow_reconnect": True,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
+        **(credentials.connect_options() if credentials else {}),
+    }
+    nc = NATS()
     try:
-        return await nats.connect(
-            servers=list(servers),
-            name=name,
-            user=user,
-            password=password,
-            connect_timeout=connect_timeout,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            allow_reconnect=True,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
-        )
+        await nc.connect(**options)
+    except ConnectionFailed:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise
     except (TimeoutError, OSError, nats.errors.Error) as e:
-        shown = ", ".join(servers)
+        with contextlib.suppress(Exception):
+            await nc.close()
         raise ConnectionFailed(
             f"could not connect to NATS at {shown}: {e or type(e).__name__}. "
             "Check that the server runs and the URL is right."
         ) from e
+    connected = True
+    return nc
 
 
 class _Stamp(msgspec.Struct):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from shipyard.errors import ConfigError
+from shipyard.instance import write_private
 
 Role = Literal["admin", "dispatcher", "builder", "viewer"]
 ROLES: tuple[Role, ...] = ("admin", "dispatcher", "builder", "viewer")
@@ -37,14 +38,6 @@ class Principal:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class TokenStore:
@@ -78,7 +71,7 @@ class TokenStore:
             self._entries = {
                 k: v for k, v in self._entries.items() if v.get("expires", "9999") > now
             }
-            _write_private(self.path, json.dumps(self._entries, indent=2))
+            write_private(self.path, json.dumps(self._entries, indent=2))
             self._mtime = -1.0
         finally:
             os.close(fd)
@@ -129,5 +122,5 @@ class TokenStore:
         if token and self.check(token) is not None:
             return token
         token = self.create("admin", "admin")
-        _write_private(path, token + "\n")
+        write_private(path, token + "\n")
         return token

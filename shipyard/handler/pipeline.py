@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from shipyard import instance
-from shipyard.errors import ConcurrencyConflict, ShipyardError
+from shipyard import access, instance
+from shipyard.errors import ConcurrencyConflict, ConfigError, ShipyardError
 from shipyard.events import dispatch, escalation
 from shipyard.events import types as t
 from shipyard.events.envelope import Event, make, utcnow
@@ -47,6 +47,10 @@ README_FILES = ("README.md", "CLAUDE.md")
 MAX_FILES_SHOWN = 30  # of a prerequisite's changed files, in the next task's CONTEXT
 LOG_TAIL_LINES = 40  # of a failed builder's output, kept in its RunFinished
 LOG_TAIL_LINE_CHARS = 300
+# How the handler itself reaches NATS; a builder gets its agent's own user instead.
+_NATS_AUTH_ENV = frozenset(
+    {"SHIPYARD_NATS_USER", "SHIPYARD_NATS_PASSWORD", "SHIPYARD_NATS_CREDS", "SHIPYARD_NATS_TOKEN"}
+)
 
 
 class Mailroom:
@@ -709,11 +713,11 @@ class Run:
                 "not on PATH; install it, or set `binary`/`command` for this agent in "
                 "shipyard.toml",
             )
-        # The handler's own secrets (admin token, bot token, NATS password) stay with it.
+        # The handler's own secrets (admin token, bot token, NATS credentials) stay with it.
         base = {
             k: v
             for k, v in os.environ.items()
-            if not (k.startswith("SHIPYARD_") and is_secret_name(k))
+            if not (k.startswith("SHIPYARD_") and (is_secret_name(k) or k in _NATS_AUTH_ENV))
         }
         env = self.runner.env(inv, base)
         env.update(await asyncio.to_thread(self._comms_env))
@@ -846,6 +850,7 @@ class Run:
             return self._comms
         env = {"SHIPYARD_AGENT": self.runner.name}
         info = instance.read_info(self.settings.data_dir) or {}
+        env.update(self._nats_env(info))
         if not info.get("gateway_url"):
             return env  # not up yet (a claim at start-up), or not in this data dir
         url = self.settings.gateway.public_url or info["gateway_url"]
@@ -855,6 +860,23 @@ class Run:
         self._secrets = [self._token, *self._secrets]
         self._comms = {**env, "SHIPYARD_URL": url.rstrip("/"), "SHIPYARD_TOKEN": self._token}
         return self._comms
+
+    def _nats_env(self, info: dict[str, Any]) -> dict[str, str]:
+        """On the embedded server, the agent's own NATS user: the builder's `shipyard send`
+        and `shipyard inbox` work, and NATS refuses it everything else."""
+        if not (self.settings.embedded and info.get("nats_url")):
+            return {}
+        try:
+            users = access.Users.load(access.nats_dir(self.settings.data_dir))
+            creds = users.credentials("builder", self.runner.name)
+        except ConfigError:
+            return {}  # an agent added since the server started has no user until restart
+        self._secrets = [creds.password, *self._secrets]
+        return {
+            "SHIPYARD_NATS_URL": ",".join(info["nats_url"]),
+            "SHIPYARD_NATS_USER": creds.user,
+            "SHIPYARD_NATS_PASSWORD": creds.password,
+        }
 
     async def _maybe_progress(self) -> None:
         now = asyncio.get_running_loop().time()

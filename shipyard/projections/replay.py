@@ -15,7 +15,8 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
-from shipyard import instance
+from shipyard import access, instance
+from shipyard.access import Users
 from shipyard.embedded import EmbeddedNats
 from shipyard.errors import ShipyardError
 from shipyard.events.log import EventLog, connect
@@ -33,15 +34,19 @@ async def _nats(cfg: Settings, running: dict[str, object] | None) -> AsyncIterat
     lock = server = None
     if cfg.nats_url:
         urls = list(cfg.nats_url)
+        credentials = access.credentials_for(cfg, "admin")
     elif running is not None:
         urls = list(running["nats_url"])  # type: ignore[call-overload]
+        credentials = access.credentials_for(cfg, "admin")
     else:
         lock = instance.InstanceLock(cfg.data_dir)
         lock.acquire()
-        server = EmbeddedNats(cfg.data_dir / "nats")
+        users = Users.ensure(access.nats_dir(cfg.data_dir), list(cfg.agents))
+        server = EmbeddedNats(access.nats_dir(cfg.data_dir), users=users)
         urls = [server.start()]
+        credentials = users.credentials("admin")
     try:
-        nc = await connect(urls, name="shipyard-replay")
+        nc = await connect(urls, name="shipyard-replay", credentials=credentials)
         try:
             yield nc
         finally:

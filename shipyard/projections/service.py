@@ -18,6 +18,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from shipyard import access
 from shipyard.errors import CommandRejected, CommandUnavailable
 from shipyard.events import commands
 from shipyard.projections import queries
@@ -69,7 +70,7 @@ class QueryService:
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
-            f"{QUERY_PREFIX}.*", queue=QUEUE_GROUP, cb=self._on_message
+            f"{QUERY_PREFIX}.>", queue=QUEUE_GROUP, cb=self._on_message
         )
         self.projector.listeners.append(self._announce)
 
@@ -89,14 +90,20 @@ class QueryService:
             self._sub = None
 
     async def _on_message(self, msg: Msg) -> None:
-        name = msg.subject.rsplit(".", 1)[-1]
+        name, _, scope = msg.subject[len(QUERY_PREFIX) + 1 :].partition(".")
         handler = self._handlers.get(name)
         try:
-            if handler is None:
-                raise CommandRejected(f"no query {name!r}", code="unknown_query")
+            if handler is None or (scope and name != "inbox"):
+                raise CommandRejected(f"no query {msg.subject!r}", code="unknown_query")
             args = msgspec.json.decode(msg.data) if msg.data else {}
             if not isinstance(args, dict):
                 raise CommandRejected("body: must be a JSON object", code="invalid")
+            agent = args.get("agent")
+            if scope and (not isinstance(agent, str) or access.token(agent) != scope):
+                # An agent's own subject (see shipyard.access): its own inbox only.
+                raise CommandRejected(
+                    f"agent: on this subject only {scope.replace('~', '.')!r}", code="forbidden"
+                )
             min_seq = _int(args, "min_seq", 0)
             if min_seq:
                 # Read-your-writes: answer once the projection has applied that sequence.
@@ -211,11 +218,13 @@ class QueryService:
 
 
 async def ask(nc: NATS, name: str, args: dict[str, Any] | None = None) -> Any:
-    """Run a read-model query in the instance that holds the database."""
+    """Run a read-model query in the instance that holds the database. An inbox is asked
+    on the agent's own subject, the one a builder's NATS user may use."""
+    subject = f"{QUERY_PREFIX}.{name}"
+    if name == "inbox" and args and isinstance(args.get("agent"), str):
+        subject += "." + access.token(args["agent"])
     try:
-        return await commands.call(
-            nc, name, args or {}, subject=f"{QUERY_PREFIX}.{name}", timeout=30
-        )
+        return await commands.call(nc, name, args or {}, subject=subject, timeout=30)
     except CommandUnavailable as e:
         raise CommandUnavailable(
             "no projector answered: is `shipyard up` running with the `projector` role?"
