@@ -72,6 +72,7 @@ def watch_denial(nc: NATS, subject: str) -> Iterator[asyncio.Future[str]]:
     publish to ``subject`` meanwhile: a request refused that way gets no reply at all, and
     its caller deserves better than a timeout. Works on connections made by :func:`connect`."""
     future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    subject = subject.lower()
     waiting = _denials.setdefault(nc, {}).setdefault(subject, set())
     waiting.add(future)
     try:
@@ -118,7 +119,8 @@ async def connect(
                     "right."
                 )
         refused = _DENIED.search(str(exc))
-        waiting = _denials.get(nc, {}).get(refused.group(1), set()) if refused else set()
+        # nats-py lowercases the server's message, subject included.
+        waiting = _denials.get(nc, {}).get(refused.group(1).lower(), set()) if refused else set()
         for future in waiting:
             if not future.done():
                 future.set_result(str(exc))
