@@ -308,9 +308,11 @@ class Run:
             if self._abort is not None and outcome != t.TaskState.CANCELLED:
                 outcome, reason = self._abort.outcome, self._abort.reason
             summary = await self._report(outcome, reason)
+            await self._revoke_token()
             await self._close(outcome, reason, summary, failed_phase, error)
         except Exception:
             log.exception("run %s of %s broke", self.run_id, self.task_id)
+            await self._revoke_token()
             await self._close(t.TaskState.FAILED, "handler_error", "", None, "see handler log")
         finally:
             if self._builder is not None:
@@ -318,8 +320,14 @@ class Run:
             # A run that broke may leave appends in flight: wait so none fails unseen.
             await asyncio.gather(*self._unacked, return_exceptions=True)
             self._log_file.close()
-            if self._token:
-                await asyncio.to_thread(TokenStore(self.settings.data_dir).revoke, self._token)
+            await self._revoke_token()
+
+    async def _revoke_token(self) -> None:
+        """The builder's token dies before the run is recorded as finished, so whoever sees
+        it finished can count on the token being dead."""
+        token, self._token = self._token, ""
+        if token:
+            await asyncio.to_thread(TokenStore(self.settings.data_dir).revoke, token)
 
     async def _skip_rest(self, failed: t.Phase) -> None:
         for phase in (P.PLAN, P.TASK_BOARD, P.BUILD, P.VALIDATE, P.HEAL):
