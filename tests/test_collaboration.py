@@ -103,6 +103,35 @@ async def test_a_parallel_group_runs_at_once_and_records_one_merged_outcome(
     assert card.failed_tasks == [ids[2]]
 
 
+async def test_a_group_with_a_size_waits_for_all_its_tasks(
+    tmp_path: Path, event_log: EventLog, handlers: list[Handler]
+) -> None:
+    """With ``group_size``, a group whose first task finished before the next was even
+    dispatched stays open; it closes when the declared number of tasks have all finished."""
+    commands = Commands(event_log)
+    handler = await start(handlers, event_log, h.settings(tmp_path), "h1")
+    first = (
+        await commands.dispatch(body(tmp_path, "one", group="release-3", group_size=2))
+    ).task_id
+    done = await h.wait_for(event_log, h.finished(first))
+    await handler.settled(done.seq)
+    assert not [e async for e in event_log.read(subject="sy.ev.group.>")]
+
+    second = (
+        await commands.dispatch(body(tmp_path, "two", group="release-3", group_size=2))
+    ).task_id
+    outcome = await h.wait_for(event_log, lambda e: e.type == "group_finished")
+    assert outcome.data.tasks == [first, second]
+    assert outcome.data.passed
+
+
+def test_group_size_needs_a_group() -> None:
+    """A size without a group is refused, saying what it is for."""
+    with pytest.raises(dispatch.DispatchInvalid) as refused:
+        dispatch.parse({**body(Path("/tmp"), "x"), "group_size": 2})
+    assert any(p.startswith("group_size: only with group") for p in refused.value.problems)
+
+
 async def test_escalation_carries_what_failed_to_the_next_agent(
     tmp_path: Path, event_log: EventLog, handlers: list[Handler]
 ) -> None:

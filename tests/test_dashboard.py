@@ -3,6 +3,7 @@ real `shipyard up` with the demo builder: what an operator sees, updating live."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -100,7 +101,9 @@ async def page(stack: Up) -> AsyncIterator[Any]:
         await browser.close()
 
 
-def demo_body(tmp: Path, name: str, agent: str = "demo", mode: str = "ok", group: str = "") -> str:
+def demo_body(
+    tmp: Path, name: str, agent: str = "demo", mode: str = "ok", group: str = "", size: int = 0
+) -> str:
     work = tmp / "work" / name
     prompt = (
         f"## Task\nBuild {name}\n\n## Requirements\n- Write {name}.txt\n- Document it\n\n"
@@ -116,6 +119,7 @@ def demo_body(tmp: Path, name: str, agent: str = "demo", mode: str = "ok", group
             "priority": "normal",
             "agent": agent,
             **({"group": group} if group else {}),
+            **({"group_size": size} if size else {}),
             "payload": {"prompt": prompt, "dispatcher": "tests", "task_title": f"Build {name}"},
         }
     )
@@ -201,9 +205,12 @@ async def test_a_group_card_and_an_escalation_chain(page: Any, stack: Up, tmp_pa
     """A parallel group shows one card on the Kanban with its merged outcome; a failed task
     escalated to another agent links both ways in the breakdown."""
     await page.wait_for_selector("[data-testid=connection][data-state=live]")
-    ok = stack.cli("dispatch", "-", stdin=demo_body(tmp_path, "left", group="release-2"))
+    # Its size, so the group stays open if the first task ends before the second is sent.
+    ok = stack.cli("dispatch", "-", stdin=demo_body(tmp_path, "left", group="release-2", size=2))
     bad = stack.cli(
-        "dispatch", "-", stdin=demo_body(tmp_path, "right", mode="fail", group="release-2")
+        "dispatch",
+        "-",
+        stdin=demo_body(tmp_path, "right", mode="fail", group="release-2", size=2),
     )
     assert ok.returncode == 0 and bad.returncode == 0, ok.stderr + bad.stderr
     failed_id = bad.stdout.strip()
@@ -211,8 +218,12 @@ async def test_a_group_card_and_an_escalation_chain(page: Any, stack: Up, tmp_pa
     await page.goto(page.url.split("#")[0] + "#/kanban")
     card = page.locator("[data-testid=group-card][data-group=release-2]")
     await card.wait_for()
+    # The builds' own pace (slow on a busy machine) is not the dashboard's: once both are
+    # recorded as finished, the card must turn within the usual wait.
+    for task_id in (ok.stdout.strip(), failed_id):
+        assert await asyncio.to_thread(stack.wait_finished, task_id)
     await page.wait_for_selector(
-        "[data-testid=group-card][data-group=release-2][data-state=failed]", timeout=40_000
+        "[data-testid=group-card][data-group=release-2][data-state=failed]", timeout=20_000
     )
     text = await card.inner_text()
     assert "1/2 succeeded" in text and "1 failed" in text

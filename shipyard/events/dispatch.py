@@ -207,6 +207,7 @@ class DispatchRequest(BaseModel):
     payload: DispatchPayload
     after: Annotated[list[TaskId], Field(max_length=100)] = []
     group: Annotated[str, Field(max_length=64)] = ""
+    group_size: Annotated[StrictInt, Field(ge=0, le=1000)] = 0
     agent: Annotated[str, Field(max_length=64)] = ""
     idempotency_key: Annotated[str, Field(max_length=200)] = ""
     escalated_from: Annotated[str, Field(max_length=64)] = ""
@@ -405,6 +406,7 @@ def parse(body: object) -> tuple[DispatchRequest, TaskDispatched]:
         rework=rework,
         after=list(dict.fromkeys(request.after)),
         group=request.group,
+        group_size=request.group_size,
         agent=request.agent,
         idempotency_key=request.idempotency_key,
         escalated_from=request.escalated_from,
@@ -429,6 +431,8 @@ def _check_request(request: DispatchRequest) -> list[str]:
                 problems.append(f"{field}: {e}")
     if request.group and not valid_id(request.group):
         problems.append("group: use letters, digits, '_' or '-' only (at most 64)")
+    if request.group_size and not request.group:
+        problems.append("group_size: only with group (how many tasks the group will have)")
     if request.agent and not re.match(NAME_PATTERN, request.agent):
         problems.append("agent: must be the name of a configured agent")
     for tid in request.after:

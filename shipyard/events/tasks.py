@@ -196,10 +196,13 @@ class TaskBook:
         return sorted(ready, key=lambda task: task.priority_key)
 
     def group_outcome(self, group: str) -> t.GroupFinished | None:
-        """The group's merged outcome if every task in it has finished, else None."""
+        """The group's merged outcome if every task in it has finished — and, when a
+        dispatch gave its ``group_size``, once that many have been dispatched — else None."""
         members = [self.tasks[tid] for tid in self.groups.get(group, ())]
         if not members or not all(task.state.finished for task in members):
             return None
+        if len(members) < max(task.spec.group_size for task in members):
+            return None  # more are coming: a fast first task must not close the group
 
         def ids(state: t.TaskState) -> list[str]:
             return [task.id for task in members if task.state == state]

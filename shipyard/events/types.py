@@ -173,6 +173,7 @@ class TaskDispatched(EventData, frozen=True, kw_only=True):
     rework: bool = False
     after: list[str] = []
     group: str = ""
+    group_size: int = 0  # how many tasks the group will have; 0: those dispatched so far
     agent: str = ""
     idempotency_key: str = ""
     escalated_from: str = ""

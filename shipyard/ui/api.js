@@ -11,11 +11,18 @@ export class ApiError extends Error {
   }
 }
 
-let applied = 0; // the highest read-model position a response was served from
+const trackers = new Set(); // open trackers: each keeps the lowest position it has seen
 
-/** How far the read models had got, as of the latest answer. */
-export function appliedSeq() {
-  return applied;
+/**
+ * Start noting the read-model position of every answer from now on; `stop()` it and read
+ * `min`: the stalest answer in between (Infinity if none came). A panel re-read while the
+ * read models trail an event is only up to date if its own answer was served from beyond
+ * that event, whatever other, newer answers say.
+ */
+export function trackApplied() {
+  const tracker = { min: Infinity, stop: () => trackers.delete(tracker) };
+  trackers.add(tracker);
+  return tracker;
 }
 
 const unauthorizedListeners = new Set();
@@ -62,7 +69,7 @@ async function request(method, path, { params, body } = {}) {
     throw new ApiError(401, { code: "unauthorized", message: "not signed in" });
   }
   const seq = Number(response.headers.get("Shipyard-Applied-Seq") || 0);
-  if (seq > applied) applied = seq;
+  for (const tracker of trackers) tracker.min = Math.min(tracker.min, seq);
   const type = response.headers.get("Content-Type") || "";
   const data = type.includes("json") ? await response.json().catch(() => null) : null;
   if (!response.ok) throw new ApiError(response.status, (data && data.error) || {});

@@ -3,7 +3,7 @@
 // are re-read shortly after (debounced), and once more a little later to be sure.
 
 import { createActivity } from "./activity.js";
-import { ApiError, api, appliedSeq, onOffline, onUnauthorized } from "./api.js";
+import { ApiError, api, onOffline, onUnauthorized, trackApplied } from "./api.js";
 import { createBreakdown } from "./breakdown.js";
 import { createComms } from "./comms.js";
 import { createDispatch } from "./dispatch.js";
@@ -91,6 +91,7 @@ const VIEW_PANELS = { kanban: "kanban", comms: "comms" };
 
 let flushTimer = 0;
 let settleTimer = 0;
+let settleRunning = false;
 const settling = new Set();
 
 // Timers are not pushed back by later events, so a steady stream of events cannot starve
@@ -101,21 +102,30 @@ function invalidate(panels) {
     settling.add(p);
   }
   if (!flushTimer) flushTimer = setTimeout(flush, DEBOUNCE_MS);
-  if (!settleTimer) {
-    let rounds = 0;
-    const settle = () => {
-      settleTimer = 0;
-      for (const p of settling) state.pending.add(p);
-      flush();
-      // Read models that still trail the events seen get another look, a while later.
-      if (appliedSeq() < state.seenSeq && ++rounds < MAX_SETTLE_ROUNDS) {
-        settleTimer = setTimeout(settle, SETTLE_MS);
-      } else {
-        settling.clear();
-      }
-    };
-    settleTimer = setTimeout(settle, SETTLE_MS);
-  }
+  if (!settleTimer && !settleRunning) settle(0);
+}
+
+/** A second look at the panels events touched, a while later; again while the answers they
+ * got were served from read models that had not yet applied the newest event seen. */
+function settle(round) {
+  settleTimer = setTimeout(async () => {
+    settleTimer = 0;
+    settleRunning = true;
+    const target = state.seenSeq;
+    for (const p of settling) state.pending.add(p);
+    const tracker = trackApplied();
+    try {
+      await flush();
+    } finally {
+      tracker.stop();
+      settleRunning = false;
+    }
+    if ((tracker.min < target || state.seenSeq > target) && round + 1 < MAX_SETTLE_ROUNDS) {
+      settle(round + 1);
+    } else {
+      settling.clear();
+    }
+  }, SETTLE_MS);
 }
 
 function flush() {
@@ -123,14 +133,16 @@ function flush() {
   flushTimer = 0;
   const panels = [...state.pending];
   state.pending.clear();
+  const reads = [];
   for (const p of panels) {
     const view = Object.keys(VIEW_PANELS).find((v) => VIEW_PANELS[v] === p);
     if (view && state.view !== view) {
       state.dirty.add(p); // re-read when the view is shown
       continue;
     }
-    REFRESH[p]();
+    reads.push(REFRESH[p]());
   }
+  return Promise.allSettled(reads);
 }
 
 function refreshAll() {
