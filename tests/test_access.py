@@ -28,6 +28,7 @@ from shipyard.events.envelope import encode, make
 from shipyard.events.log import EventLog, connect
 from shipyard.projections.service import ask
 from tests.conftest import Up
+from tests.operator_mode import OperatorNats
 from tests.samples import dispatch_body
 
 AGENT = "coder.one"  # a dot: agent names may hold one, subject tokens may not
@@ -311,3 +312,37 @@ def test_up_and_the_cli_use_credentials_for_a_secured_server(
     missing = running.cli("status", "--nats", url, "--nats-creds", str(tmp_path / "nope.creds"))
     assert missing.returncode != 0
     assert "nope.creds does not exist" in missing.stderr
+
+
+def test_a_creds_file_reaches_a_server_in_operator_mode(tmp_path: Path) -> None:
+    """Against a nats-server that trusts only signed JWTs, `up --nats-creds FILE` and the CLI
+    with the same file work; without it the server refuses and `up` says so."""
+    server = OperatorNats(tmp_path / "secured")
+    url = server.start()
+    try:
+        creds = str(server.creds_path)
+        running = Up(
+            tmp_path / "data", "--nats", url, "--nats-creds", creds, "--roles", "commands,projector"
+        )
+        try:
+            running.wait_ready()
+            dispatched = running.cli(
+                "dispatch",
+                "-",
+                "--nats",
+                url,
+                "--nats-creds",
+                creds,
+                stdin=json.dumps(dispatch_body()),
+            )
+            assert dispatched.returncode == 0, dispatched.stderr
+            listed = running.cli("events", "--nats", url, "--nats-creds", creds)
+            assert "task_dispatched" in listed.stdout
+        finally:
+            running.stop()
+        refused = Up(tmp_path / "anon", "--nats", url)
+        assert refused.proc.wait(60) != 0
+        refused.stop()
+        assert "refused no credentials" in refused.errors
+    finally:
+        server.stop()
