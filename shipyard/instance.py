@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shipyard import storage
 from shipyard.errors import AlreadyRunning, ConfigError
 
 LOCK_FILE = "shipyard.lock"
@@ -44,8 +45,12 @@ class InstanceLock:
                 f"Shipyard is already running on {self.data_dir} (pid {holder}). "
                 "Stop it first, or pass a different --data-dir."
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise storage.unwritable(self.data_dir, "the data directory", e) from e
         self._fd = fd
 
     def release(self) -> None:
@@ -83,10 +88,13 @@ def is_running(data_dir: Path) -> bool:
 def write_info(data_dir: Path, info: dict[str, Any]) -> None:
     path = data_dir / INFO_FILE
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise storage.unwritable(data_dir, "the data directory", e) from e
 
 
 def read_info(data_dir: Path) -> dict[str, Any] | None:

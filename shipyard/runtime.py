@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from shipyard import __version__, instance, redact
+from shipyard import __version__, instance, redact, storage
 from shipyard.embedded import EmbeddedNats
 from shipyard.errors import ConfigError
 from shipyard.events.commands import Commands, CommandService
@@ -163,6 +163,7 @@ async def run(
         settings.telegram.token.get_secret_value(),
     ):
         redact.add_secret(secret)  # from a settings file, where names do not give them away
+    storage.check_writable(settings.data_dir, "the data directory")
     lock = instance.InstanceLock(settings.data_dir)
     lock.acquire()
     server: EmbeddedNats | None = None
