@@ -99,15 +99,14 @@ def up_exits(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 BAD_DISKS = {
-    # case: (which directory is on the small disk, bytes left free or None, read-only)
-    "data dir read-only": ("data", None, True),
-    "data dir full": ("data", 0, False),
-    "data dir with a few KB free": ("data", 8192, False),
-    "NATS store read-only": ("store", None, True),
-    "NATS store full": ("store", 0, False),
-    "NATS store with a few KB free": ("store", 8192, False),
+    # case: (which directory is on the small disk, bytes left free or None, read-only, says)
+    "data dir read-only": ("data", None, True, "read-only file system"),
+    "data dir full": ("data", 0, False, "full disk"),
+    "data dir with a few KB free": ("data", 8192, False, "KiB free"),
+    "NATS store read-only": ("store", None, True, "read-only file system"),
+    "NATS store full": ("store", 0, False, "full disk"),
+    "NATS store with a few KB free": ("store", 8192, False, "KiB free"),
 }
-SAYS = {True: "read-only file system", 0: "full disk", 8192: "KiB free"}
 
 
 @pytest.mark.parametrize("case", list(BAD_DISKS))
@@ -117,7 +116,7 @@ def test_up_on_a_bad_disk_exits_at_once_saying_what_to_fix(
     """A data directory or NATS store that is read-only, full, or has a few KB left (a probe
     write fits, JetStream's and DuckDB's first blocks do not): `shipyard up` exits 1 by
     itself, naming the directory and the problem, with no traceback and no server left."""
-    where, free, read_only = BAD_DISKS[case]
+    where, free, read_only, says = BAD_DISKS[case]
     data = tmp_path / "data"
     disk = data if where == "data" else data / "nats" / "store"
     small_disk(mounts, disk, free=free, read_only=read_only)
@@ -130,7 +129,7 @@ def test_up_on_a_bad_disk_exits_at_once_saying_what_to_fix(
     message = done.stderr.strip()
     assert str(disk) in message
     assert ("NATS store" if where == "store" else "data directory") in message
-    assert SAYS[True if read_only else free] in message
+    assert says in message
     assert not (data / "nats" / "nats.pid").exists(), "a nats-server was left running"
 
 
