@@ -19,19 +19,24 @@ import sys
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from nats.aio.client import Client as NATS
 
 from shipyard.embedded import EmbeddedNats
 from shipyard.errors import StorageError
+from shipyard.events import commands
 from shipyard.events.commands import Commands
-from shipyard.events.log import EventLog
+from shipyard.events.log import EventLog, connect
 from shipyard.gateway.auth import TokenStore
 from shipyard.gateway.sse import RECONNECT_MS
 from shipyard.projections.projector import ReadModels
+from tests import handlers as h
 from tests.conftest import Up
-from tests.samples import dispatch_body
+from tests.handlers import SCRIPTED
+from tests.samples import dispatch_body, hello_body
 
 START_BOUND = 60  # seconds: a `shipyard up` that has not exited by then hangs
 
@@ -292,7 +297,7 @@ async def test_sse_clients_resume_with_no_gap_across_gateway_restarts(
     running.wait_ready()
     port = gateway_port(running)
     url = f"http://127.0.0.1:{port}"
-    commands = Commands(event_log)
+    appends = Commands(event_log)
     on = Progress()
     appended = 0
 
@@ -303,7 +308,7 @@ async def test_sse_clients_resume_with_no_gap_across_gateway_restarts(
         # reply arrives is lost inside asyncio.wait_for (CPython gh-86296).
         nonlocal appended
         while not enough.is_set():
-            await commands.dispatch(dispatch_body(workdir=f"/srv/app-{appended}"))
+            await appends.dispatch(dispatch_body(workdir=f"/srv/app-{appended}"))
             appended += 1
             await on.moved()
             await asyncio.sleep(APPEND_PACE)  # a steady trickle, not a flood
@@ -362,3 +367,175 @@ async def test_sse_clients_resume_with_no_gap_across_gateway_restarts(
         assert client.opened == 3
         assert client.retry_ms == RECONNECT_MS, "the server's retry: was not seen"
         assert client.seqs == list(range(1, last + 1))
+
+
+# --- the whole of `shipyard up` restarted between varied work ---------------------------------
+
+UP_TOML = """
+[handler]
+default_agent = "ok"
+workdir_roots = [{root}]
+max_attempts = 1
+kill_grace = 1.0
+{agents}
+"""
+
+
+def varied_up(tmp_path: Path) -> Path:
+    """A data dir whose agents are the scripted builder in the modes ok, fail and slow."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "work").mkdir()
+    q = json.dumps
+    agents = "".join(
+        f'\n[agents.{mode}]\nkind = "command"\n'
+        f'command = [{q(sys.executable)}, {q(SCRIPTED)}, "{{phase}}", {q(mode)}]\n'
+        for mode in ("ok", "fail", "slow")
+    )
+    (data / "shipyard.toml").write_text(
+        UP_TOML.format(root=q(str(tmp_path / "work")), agents=agents)
+    )
+    return data
+
+
+class Work:
+    """Commands sent to a running `shipyard up` over its NATS, and what came of them."""
+
+    def __init__(self, tmp_path: Path, nc: NATS) -> None:
+        self.tmp_path = tmp_path
+        self.nc = nc
+        self.log = EventLog(nc)
+
+    async def dispatch(self, name: str, agent: str, **extra: Any) -> str:
+        body = {**hello_body(str(self.tmp_path / "work" / name)), "agent": agent, **extra}
+        result = await commands.call(self.nc, "dispatch", body, actor="tests")
+        return str(result["task_id"])
+
+    async def outcome(self, task_id: str, *, after: int = 0) -> str:
+        """How the task's first finish after sequence ``after`` went: the outcome, and for a
+        failure its reason (``failed: handler_stopped``)."""
+        done = await h.wait_for(self.log, h.finished(task_id), start=after + 1, timeout=SETTLE)
+        outcome = str(done.data.outcome)
+        return f"{outcome}: {done.data.reason}" if outcome == "failed" else outcome
+
+    async def running(self, task_id: str) -> None:
+        await h.wait_for(self.log, h.of_type(task_id, "builder_started"), timeout=SETTLE)
+
+    async def talk(self, task_id: str) -> None:
+        """A question to a builder, read by it and answered in the same thread."""
+        asked = await commands.call(
+            self.nc,
+            "send",
+            {"sender": "openclaw", "recipient": "ok", "type": "question", "body": "Ready?",
+             "task_id": task_id},
+        )  # fmt: skip
+        await commands.call(
+            self.nc,
+            "mark_read",
+            {"reader": "ok", "thread_id": asked["thread_id"], "message_ids": [asked["message_id"]]},
+        )
+        await commands.call(
+            self.nc,
+            "send",
+            {"sender": "ok", "recipient": "openclaw", "type": "status_response", "body": "Yes.",
+             "thread_id": asked["thread_id"], "reply_to": asked["message_id"]},
+        )  # fmt: skip
+
+
+async def connected(data: Path) -> NATS:
+    info = json.loads((data / "instance.json").read_text())
+    return await connect(info["nats_url"], name="restarts")
+
+
+def verified(up: Up) -> None:
+    """`shipyard replay --verify`: the live read models equal a fresh replay, table by table."""
+    done = up.cli("replay", "--verify")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Identical." in done.stdout
+
+
+async def test_read_models_equal_a_fresh_replay_across_sigterm_and_kill_9_restarts(
+    tmp_path: Path,
+) -> None:
+    """`shipyard up` does varied work — builds that succeed, fail and are cancelled, a
+    parallel group, a thread of messages, a retry — and is stopped with SIGTERM mid-build,
+    started again, killed with SIGKILL mid-build and started once more. Each interrupted
+    run is ended (not left running), every task ends as it should, each was dispatched
+    exactly once, and after each restart, and once stopped, `shipyard replay --verify` finds
+    the live read models equal to a fresh replay of the log."""
+    data = varied_up(tmp_path)
+    expected: dict[str, str] = {}  # task id -> the outcome of its last finish
+
+    first = Up(data)
+    first.wait_ready()
+    try:
+        nc = await connected(data)
+        work = Work(tmp_path, nc)
+        ok = await work.dispatch("a", "ok")
+        failing = await work.dispatch("b", "fail")
+        cancelled = await work.dispatch("c", "slow")
+        group = [await work.dispatch(f"g{n}", "ok", group="pair") for n in range(2)]
+        await work.talk(ok)
+        await work.running(cancelled)
+        await commands.call(nc, "cancel", {"task_id": cancelled, "reason": "not now"})
+        for task_id, outcome in [
+            (ok, "succeeded"),
+            (failing, "failed: builder_error"),
+            (cancelled, "cancelled"),
+            *[(g, "succeeded") for g in group],
+        ]:
+            assert await work.outcome(task_id) == outcome, task_id
+            expected[task_id] = outcome.split(":")[0]
+        stopped = await work.dispatch("s1", "slow")
+        await work.running(stopped)
+        await nc.close()
+    finally:
+        assert first.stop() == 0  # SIGTERM in the middle of a build
+
+    second = Up(data)
+    second.wait_ready()
+    try:
+        nc = await connected(data)
+        work = Work(tmp_path, nc)
+        # Ended by the stop, not left running, and not run again (max_attempts = 1).
+        assert await work.outcome(stopped) == "failed: handler_stopped"
+        expected[stopped] = "failed"
+        verified(second)
+        mark = await work.log.stream_last_seq()
+        await commands.call(nc, "retry", {"task_id": failing})
+        later = await work.dispatch("d", "ok")
+        await work.talk(later)
+        assert await work.outcome(failing, after=mark) == "failed: builder_error"
+        assert await work.outcome(later) == "succeeded"
+        expected[later] = "succeeded"
+        killed = await work.dispatch("s2", "slow")
+        await work.running(killed)
+        await nc.close()
+    finally:
+        second.proc.kill()  # SIGKILL in the middle of a build
+        second.stop()
+
+    third = Up(data)
+    third.wait_ready()
+    try:
+        nc = await connected(data)
+        work = Work(tmp_path, nc)
+        # The restarted handler ends the run it owned in its previous life at once.
+        assert await work.outcome(killed) == "failed: handler_restarted"
+        expected[killed] = "failed"
+        last = await work.dispatch("e", "ok")
+        assert await work.outcome(last) == "succeeded"
+        expected[last] = "succeeded"
+        dispatched = [e.aggregate_id async for e in work.log.read() if e.type == "task_dispatched"]
+        finishes = {
+            e.aggregate_id: str(e.data.outcome)
+            async for e in work.log.read()
+            if e.type == "task_finished"
+        }
+        await nc.close()
+        verified(third)
+    finally:
+        assert third.stop() == 0
+    assert sorted(dispatched) == sorted(expected), "a task lost or dispatched twice"
+    assert finishes == expected
+    verified(third)  # stopped: the database on disk against a replay by an embedded server
