@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from pathlib import Path
 
 from shipyard.errors import StorageError
@@ -33,7 +34,7 @@ def check_writable(path: Path, what: str) -> None:
             os.fsync(fd)  # a full disk may only say so here
         finally:
             os.close(fd)
-        free = _free_bytes(path)
+        free = shutil.disk_usage(path).free  # what an unprivileged writer may still use
     except OSError as e:
         raise unwritable(path, what, e) from e
     finally:
@@ -58,11 +59,6 @@ def unwritable(path: Path, what: str, error: OSError) -> StorageError:
     else:
         fix = f"cannot write to {what} {path}: {reason}. Fix it"
     return StorageError(f"{fix}, or pass another --data-dir.")
-
-
-def _free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def _size(n: int) -> str:
