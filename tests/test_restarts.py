@@ -73,8 +73,8 @@ def mounts() -> Iterator[list[Path]]:
 def small_disk(mounts: list[Path], path: Path, *, free: int | None, read_only: bool) -> None:
     """A 1 MiB file system at ``path``, read-only, or filled until ``free`` bytes are left
     (``None``: left empty)."""
-    mounts.append(path)
     mount_tmpfs(path, "1m", read_only=read_only)
+    mounts.append(path)
     if free is None:
         return
     st = os.statvfs(path)
