@@ -25,6 +25,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
+from shipyard import storage
 from shipyard.access import Users
 from shipyard.errors import EmbeddedServerError
 from shipyard.instance import write_private
@@ -106,8 +107,11 @@ class EmbeddedNats:
     def start(self, timeout: float = START_TIMEOUT) -> str:
         """Start the server and return its URL once it accepts clients."""
         self._stop_leftover()
-        self.write_config()
         self._check_store_writable()
+        try:
+            self.write_config()
+        except OSError as e:
+            raise storage.unwritable(self.root, "the NATS directory", e) from e
         cmd = [binary(), "-c", str(self.config_path)]
         self._proc = subprocess.Popen(
             cmd,
@@ -133,21 +137,7 @@ class EmbeddedNats:
         return self.url
 
     def _check_store_writable(self) -> None:
-        try:
-            self.store_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.store_dir / ".write-test"
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, b"x")
-                os.fsync(fd)  # a full disk may only say so here
-            finally:
-                os.close(fd)
-            probe.unlink()
-        except OSError as e:
-            raise EmbeddedServerError(
-                f"cannot write to the NATS store {self.store_dir}: {e.strerror or e}. "
-                "Free some disk space or fix its permissions, or choose another --data-dir."
-            ) from e
+        storage.check_writable(self.store_dir, "the NATS store")
 
     def _read_log(self, ready: threading.Event) -> None:
         assert self._proc is not None

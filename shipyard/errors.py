@@ -88,3 +88,8 @@ class CommandUnavailable(ShipyardError):
 
 class NotFound(ShipyardError):
     """Nothing has that id: check it with `shipyard events`."""
+
+
+class StorageError(ShipyardError):
+    """A directory Shipyard keeps data in is full or read-only: free some space or fix its
+    permissions, or pass another --data-dir."""

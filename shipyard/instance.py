@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shipyard import storage
 from shipyard.errors import AlreadyRunning, ConfigError
 
 LOCK_FILE = "shipyard.lock"
@@ -44,8 +45,12 @@ class InstanceLock:
                 f"Shipyard is already running on {self.data_dir} (pid {holder}). "
                 "Stop it first, or pass a different --data-dir."
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise storage.unwritable(self.data_dir, "the data directory", e) from e
         self._fd = fd
 
     def release(self) -> None:
@@ -90,7 +95,10 @@ def write_private(path: Path, text: str) -> None:
 
 
 def write_info(data_dir: Path, info: dict[str, Any]) -> None:
-    write_private(data_dir / INFO_FILE, json.dumps(info, indent=2))
+    try:
+        write_private(data_dir / INFO_FILE, json.dumps(info, indent=2))
+    except OSError as e:
+        raise storage.unwritable(data_dir, "the data directory", e) from e
 
 
 def read_info(data_dir: Path) -> dict[str, Any] | None:

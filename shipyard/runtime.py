@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from shipyard import __version__, access, instance, redact
+from shipyard import __version__, access, instance, redact, storage
 from shipyard.access import Users
 from shipyard.embedded import EmbeddedNats
 from shipyard.errors import ConfigError
@@ -166,6 +166,7 @@ async def run(
         settings.telegram.token.get_secret_value(),
     ):
         redact.add_secret(secret)  # from a settings file, where names do not give them away
+    storage.check_writable(settings.data_dir, "the data directory")
     lock = instance.InstanceLock(settings.data_dir)
     lock.acquire()
     server: EmbeddedNats | None = None

@@ -199,14 +199,24 @@ class EventLog:
         wanted = stream_config(replicas)
         wanted.name = self.stream
         try:
-            info = await self.js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            await self.js.add_stream(wanted)
-            return
-        have = info.config
-        if not (have.allow_atomic and have.allow_direct and have.deny_delete and have.deny_purge):
-            wanted.num_replicas = have.num_replicas
-            await self.js.update_stream(wanted)
+            try:
+                info = await self.js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_stream(wanted)
+                return
+            have = info.config
+            if not (
+                have.allow_atomic and have.allow_direct and have.deny_delete and have.deny_purge
+            ):
+                wanted.num_replicas = have.num_replicas
+                await self.js.update_stream(wanted)
+        except nats.js.errors.APIError as e:
+            # A full or unwritable JetStream store says only "error creating store".
+            raise AppendFailed(
+                f"the NATS server could not set up the {self.stream} stream: "
+                f"{e.description or e}. Check that its JetStream store directory is "
+                "writable and not full (its log says more)."
+            ) from e
 
     # --- appending ------------------------------------------------------------------
 

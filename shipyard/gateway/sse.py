@@ -6,8 +6,9 @@ duplicate. Unfiltered clients — the dashboard — share one ordered consumer p
 (:class:`Feed`), which frames each event once and hands the bytes to every client's
 bounded queue; a client that cannot keep up is dropped (its queue fills) without slowing
 the others. A client resuming from further back first reads the gap through a consumer of
-its own. Filtered streams (``?task=``, ``?type=``) read through their own consumer. Pings
-keep proxies from closing an idle stream.
+its own. Filtered streams (``?task=``, ``?type=``) read through their own consumer. Every
+stream starts by saying how soon to reconnect (``retry:``); pings keep proxies from closing
+an idle stream.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from shipyard.gateway.app import Gateway
 
 CLIENT_QUEUE = 1000  # events buffered per client before it counts as too slow
+# How long EventSource waits before it reconnects after the stream ends (a gateway restart),
+# told at the start of every stream; browsers otherwise wait 3-5 seconds of their choosing.
+RECONNECT_MS = 1000
+_RETRY_FRAME = ServerSentEvent(retry=RECONNECT_MS).encode()
 
 
 class _Client:
@@ -123,6 +128,7 @@ async def stream(gw: Gateway, request: Request) -> EventSourceResponse:
 async def _shared(feed: Feed, events: EventLog, after: int) -> AsyncIterator[bytes]:
     client, start = await feed.attach()
     try:
+        yield _RETRY_FRAME
         if after < start:  # the gap up to where the feed took over, read on our own
             async for seq, payload in events.follow_raw(start=after + 1):
                 yield frame_of(seq, payload)
@@ -157,6 +163,7 @@ async def _own_consumer(events: EventLog, subject: str, after: int) -> AsyncIter
 
     reader = asyncio.create_task(pump())
     try:
+        yield _RETRY_FRAME
         while (frame := await queue.get()) is not None:
             yield frame
     finally:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
+from shipyard.errors import StorageError
 from shipyard.events.envelope import Event, decode
 from shipyard.events.log import EventLog
 from shipyard.projections import sql
@@ -102,7 +103,13 @@ class ReadModels:
         return row is None or row[0] != sql.fingerprint()
 
     async def open(self) -> None:
-        await self.run(self.open_sync)
+        try:
+            await self.run(self.open_sync)
+        except duckdb.IOException as e:  # a full or read-only disk, mostly
+            raise StorageError(
+                f"cannot open the read models {self.path}: {e}. Free some space or fix the "
+                "permissions of its directory, or pass another --data-dir."
+            ) from e
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the database thread."""
