@@ -270,7 +270,7 @@ class EventLog:
                 if loop.time() >= deadline:
                     raise AppendFailed(
                         f"no acknowledgement for {subject} within {APPEND_RETRY_FOR:.0f}s: "
-                        "is the NATS server up, with the Shipyard stream?"
+                        "is the NATS server up, with the Shipyard stream, and its store not full?"
                     ) from e
                 # The same Nats-Msg-Id makes the retry safe if the first one landed.
                 await asyncio.sleep(0.25)
