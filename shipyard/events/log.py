@@ -51,6 +51,7 @@ ERR_BATCH_INCOMPLETE = 10176  # a new stream leader missed part of a batch: send
 UNAVAILABLE = 503  # no stream leader yet, or a new one still catching up: ask again
 CONFLICTS = (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_SEQUENCE_IN_FLIGHT, ERR_BATCH_DUPLICATE_ID)
 RETRY_PAUSE = 0.25  # seconds between tries of an append the server could not take yet
+STALL_AFTER = 5.0  # seconds a follower waits before asking whether it has missed an event
 
 V1_ACK_TOKENS = 9  # a JetStream reply subject without a domain
 
@@ -331,34 +332,80 @@ class EventLog:
         self, *, subject: str = ALL_EVENTS, start: int = 1
     ) -> AsyncIterator[tuple[int, bytes]]:
         """Like :meth:`follow`, without decoding: ``(sequence, json bytes)``."""
-        sub = await self._subscribe(subject, start)
-        # nats-py's message iterator costs a Task and an asyncio.wait per message, two
-        # thirds of a replay's time. Messages already queued are taken straight from the
-        # subscription's pending queue, with the bookkeeping the iterator would do (flow
-        # control counts what is still queued); only an empty queue waits through the
-        # iterator, which also ends the loop when the subscription is closed.
-        pending = sub._pending_queue
-        messages = sub.messages
+        position = _Position(max(1, start) - 1, await self._subscribe(subject, start))
+        watch = asyncio.create_task(self._watch(subject, position), name="follow-watch")
         try:
             while True:
-                try:
-                    msg = pending.get_nowait()
-                except asyncio.QueueEmpty:
+                # nats-py's message iterator costs a Task and an asyncio.wait per message,
+                # two thirds of a replay's time. Messages already queued are taken straight
+                # from the subscription's pending queue, with the bookkeeping the iterator
+                # would do (flow control counts what is still queued); only an empty queue
+                # waits through the iterator, which also ends the loop when the subscription
+                # is closed.
+                sub = position.sub
+                pending, messages = sub._pending_queue, sub.messages
+                while True:
                     try:
-                        msg = await anext(messages)
-                    except StopAsyncIteration:
-                        return
-                else:
-                    pending.task_done()
-                    sub._pending_size -= len(msg.data)
-                yield _stream_seq(msg.reply), msg.data
+                        msg = pending.get_nowait()
+                    except asyncio.QueueEmpty:
+                        position.waiting_since = asyncio.get_running_loop().time()
+                        try:
+                            msg = await anext(messages)
+                        except StopAsyncIteration:
+                            break
+                        finally:
+                            position.waiting_since = None
+                    else:
+                        pending.task_done()
+                        sub._pending_size -= len(msg.data)
+                    position.seen = _stream_seq(msg.reply)
+                    yield position.seen, msg.data
+                if not position.stalled:
+                    return  # closed
+                position.stalled = False
+                position.sub = await self._subscribe(subject, position.seen + 1, patient=True)
         finally:
+            watch.cancel()
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await position.sub.unsubscribe()
 
-    async def _subscribe(self, subject: str, start: int) -> Any:
+    async def _watch(self, subject: str, position: _Position) -> None:
+        """End the subscription of a follower that has waited ``STALL_AFTER`` for an event
+        the stream already holds; :meth:`follow_raw` then follows again from the next one.
+        After a replicated stream changes leader, nats-py's ordered consumer can stay
+        silent, its heartbeats still arriving, and would wait forever."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(STALL_AFTER / 2)
+            since = position.waiting_since
+            if since is None or loop.time() - since < STALL_AFTER:
+                continue
+            seen = position.seen
+            try:
+                behind = await self.subject_last_seq(subject) > seen
+            except (nats.errors.Error, StreamMissing, TimeoutError):
+                continue  # no answer now (no leader?): look again later
+            if not behind or position.seen != seen or position.waiting_since != since:
+                continue
+            log.warning(
+                "following %s: nothing after %d for %.0fs though the stream has more; "
+                "following again from %d",
+                subject,
+                seen,
+                loop.time() - since,
+                seen + 1,
+                extra={"action": "follow_stalled"},
+            )
+            position.stalled = True
+            try:
+                await position.sub.unsubscribe()
+            except Exception:
+                position.stalled = False  # it is closing anyway
+
+    async def _subscribe(self, subject: str, start: int, *, patient: bool = False) -> Any:
         """An ordered consumer from ``start``. A replicated stream's consumers are made by
-        its leader: while there is none (a node lost, an election under way), ask again."""
+        its leader: while there is none (a node lost, an election under way), ask again —
+        for ``APPEND_RETRY_FOR``, or, when ``patient``, as long as it takes."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + APPEND_RETRY_FOR
         while True:
@@ -374,9 +421,20 @@ class EventLog:
             except nats.js.errors.NotFoundError as e:
                 raise StreamMissing() from e
             except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
-                if loop.time() >= deadline:
+                if not patient and loop.time() >= deadline:
                     raise
             await asyncio.sleep(RETRY_PAUSE)
+
+
+class _Position:
+    """Where a follower is: its subscription, the last sequence it yielded, and since when
+    it has been waiting for the next (None: it is not waiting)."""
+
+    def __init__(self, seen: int, sub: Any) -> None:
+        self.seen = seen
+        self.sub = sub
+        self.waiting_since: float | None = None
+        self.stalled = False
 
 
 def _stream_seq(reply: str) -> int:
