@@ -4,7 +4,7 @@ of a burst of dispatches, and every task still runs exactly once.
 Everything is a real process, as docker-compose.yml deploys it: three nats-server nodes
 routed on loopback with the Shipyard stream replicated three times, two
 `shipyard up --roles handler,commands` and one `shipyard up --roles projector,gateway`, each
-with its own data directory. Part of the normal suite; it takes under a minute.
+with its own data directory. Part of the normal suite; it takes about a minute.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ BURST = 500
 KILL_AFTER = 150  # acknowledged dispatches before the stream leader is killed
 IN_FLIGHT = 32  # dispatches awaiting their reply at once
 CALL_TIMEOUT = 10.0  # seconds a dispatch waits for its reply before it is sent again
+RESEND_AFTER = 0.1  # seconds between a dispatch left without a reply and its next try
 FINISH_TIMEOUT = 90.0  # seconds for every task to finish after the last dispatch
 RUN_EVENTS = ("task_dispatched", "task_claimed", "builder_started", "run_finished", "task_finished")
 
@@ -154,10 +155,11 @@ async def dispatch_burst(nc: NATS, deployment: Deployment, leader: str) -> dict[
                     result = await commands.call(nc, "dispatch", body, timeout=CALL_TIMEOUT)
                     break
                 except CommandUnavailable:
-                    continue  # no reply in time: its outcome is unknown, so send it again
+                    pass  # no reply (or no service) in time: its outcome is unknown
                 except CommandRejected as e:
                     if e.code != "unavailable":
                         raise  # the service could not store it yet; anything else is wrong
+                await asyncio.sleep(RESEND_AFTER)  # a pause before sending it again
         acked[n] = result["task_id"]
         node = deployment.cluster.node(leader)
         if len(acked) >= KILL_AFTER and node.alive:
