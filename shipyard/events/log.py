@@ -372,8 +372,8 @@ class EventLog:
     async def _watch(self, subject: str, position: _Position) -> None:
         """End the subscription of a follower that has waited ``STALL_AFTER`` for an event
         the stream already holds; :meth:`follow_raw` then follows again from the next one.
-        After a replicated stream changes leader, nats-py's ordered consumer can stay
-        silent, its heartbeats still arriving, and would wait forever."""
+        After a replicated stream changed leader, nats-py's ordered consumer was seen to
+        stay silent for good, neither resetting itself nor reporting an error."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(STALL_AFTER / 2)
