@@ -23,7 +23,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from shipyard.embedded import EmbeddedNats
+from shipyard.embedded import START_TIMEOUT, EmbeddedNats
 from shipyard.errors import EmbeddedServerError
 
 CLUSTER_NAME = "shipyard"
@@ -31,6 +31,8 @@ SIZE = 3
 START_ATTEMPTS = 3  # a route port taken between finding it free and binding it: start again
 JETSTREAM_TIMEOUT = 30.0  # seconds for the cluster to elect a JetStream meta leader
 HOST = "127.0.0.1"
+ROUTES_TIMEOUT = 5.0  # seconds for a node to listen for its peers once it is ready
+ROUTES_LISTENING = "Listening for route connections"
 
 
 class ClusterError(Exception):
@@ -59,6 +61,7 @@ class Node(EmbeddedNats):
         self.name = name
         self.route_port = route_port
         self.peers = peers
+        self._log_offset = 0
 
     def write_config(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -80,6 +83,28 @@ class Node(EmbeddedNats):
                 ]
             )
         )
+
+    def start(self, timeout: float = START_TIMEOUT) -> str:
+        # The log is appended to: a start after a failed one must not read the old lines.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        return super().start(timeout)
+
+    def _log_since_start(self) -> str:
+        return self.log_path.read_bytes()[self._log_offset :].decode(errors="replace")
+
+    def wait_routes(self, timeout: float = ROUTES_TIMEOUT) -> None:
+        """Wait until it listens for its peers. nats-server binds the cluster port after it
+        says "Server is ready", and exits if that port is taken."""
+        deadline = time.monotonic() + timeout
+        while ROUTES_LISTENING not in self._log_since_start():
+            if not self.alive:
+                if self._reader is not None:
+                    self._reader.join(2)  # the log's last lines, which say why
+                tail = self._log_since_start().splitlines()[-3:]
+                raise EmbeddedServerError(f"{self.name} exited: " + " / ".join(tail))
+            if time.monotonic() > deadline:
+                raise EmbeddedServerError(f"{self.name} did not listen for routes in time")
+            time.sleep(0.01)  # the log file offers nothing to wait on
 
     @property
     def alive(self) -> bool:
@@ -111,26 +136,23 @@ class LoopbackCluster:
     def start(self) -> list[str]:
         """Start every node; return their client URLs. The cluster may not have a JetStream
         leader yet: see :meth:`wait_jetstream`."""
-        for attempt in range(1, START_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             ports = free_ports(self.size)
             self.nodes = [
-                Node(
-                    self.root / f"n{i + 1}",
-                    f"n{i + 1}",
-                    port,
-                    [p for p in ports if p != port],
-                )
+                Node(self.root / f"n{i + 1}", f"n{i + 1}", port, [p for p in ports if p != port])
                 for i, port in enumerate(ports)
             ]
             try:
                 for node in self.nodes:
                     node.start()
+                    node.wait_routes()
                 return self.urls
             except EmbeddedServerError as e:
                 self.stop()
                 if attempt == START_ATTEMPTS or "address already in use" not in str(e):
                     raise ClusterError(f"the loopback cluster did not start: {e}") from e
-        raise AssertionError("unreachable")
+                attempt += 1
 
     async def wait_jetstream(self, timeout: float = JETSTREAM_TIMEOUT) -> None:
         """Wait until every node answers JetStream requests (a meta leader is elected and
