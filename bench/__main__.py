@@ -25,6 +25,7 @@ from bench import _common as c
 BENCHMARKS = {
     "append": "append throughput vs raw publish_async; dispatch round trip",
     "handler": "dispatch → claimed / builder started; 200 concurrent runs: false STALE, CPU",
+    "cluster": "dispatch throughput and dispatch → claimed on a 3-node cluster vs embedded",
     "replay": "replay of 1,000,000 events into DuckDB vs a raw ordered consumer",
     "queries": "history and Kanban queries at 100,000 runs vs a bare DuckDB count",
     "sse": "append → 100 SSE clients vs ordered consumers",

@@ -332,7 +332,8 @@ class Tracker:
 class RawProbe:
     """A plain JetStream publish, timed until an ordered consumer receives it."""
 
-    def __init__(self, publisher: NATS, follower: NATS, size: int) -> None:
+    def __init__(self, publisher: NATS, follower: NATS, size: int, replicas: int = 1) -> None:
+        self.replicas = replicas
         self.js = publisher.jetstream(timeout=APPEND_TIMEOUT)
         self.follower_js = follower.jetstream(timeout=APPEND_TIMEOUT)
         self.padding = b"x" * max(0, size - KEY_LEN)
@@ -341,7 +342,8 @@ class RawProbe:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        config = stream_config()  # the Shipyard stream's settings, on subjects of its own
+        # The Shipyard stream's settings, on subjects of its own.
+        config = stream_config(self.replicas)
         config.name = RAW_STREAM
         config.subjects = [f"{RAW_SUBJECT}.>"]
         config.description = "bench/handler.py baseline"

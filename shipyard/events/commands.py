@@ -86,7 +86,10 @@ class Commands:
             except ConcurrencyConflict:
                 if not data.idempotency_key:
                     continue  # two new ids met in the same millisecond: draw another
-                first = (await self.events.history("task", task_id))[0]
+                history = await self.events.history("task", task_id)
+                if not history:
+                    continue  # the first dispatch with this key is still being stored
+                first = history[0]
                 return DispatchResult(
                     task_id=task_id, seq=first.seq, duplicate=True, task=first.data
                 )

@@ -46,7 +46,16 @@ CONNECT_WAIT = 5.0  # seconds to keep trying the first connection
 APPEND_RETRY_FOR = 30.0  # seconds an append keeps retrying while the server is unreachable
 
 ERR_WRONG_LAST_SEQUENCE = 10071
+# A replicated stream's lost race: another write to the aggregate is still being stored.
+ERR_WRONG_LAST_SEQUENCE_IN_FLIGHT = 10164
 ERR_BATCH_DUPLICATE_ID = 10201
+# A replicated stream is still storing this very event (an earlier try): ask again.
+ERR_DUPLICATE_IN_FLIGHT = 10158
+ERR_BATCH_INCOMPLETE = 10176  # a new stream leader missed part of a batch: send it all again
+UNAVAILABLE = 503  # no stream leader yet, or a new one still catching up: ask again
+CONFLICTS = (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_SEQUENCE_IN_FLIGHT, ERR_BATCH_DUPLICATE_ID)
+RETRY_PAUSE = 0.25  # seconds between tries of an append the server could not take yet
+STALL_AFTER = 5.0  # seconds a follower waits before asking whether it has missed an event
 
 V1_ACK_TOKENS = 9  # a JetStream reply subject without a domain
 
@@ -230,7 +239,7 @@ class EventLog:
         if expect is not None:
             headers[H_EXPECT_SEQ] = str(expect)
             headers[H_EXPECT_SUBJECT] = aggregate_subject(event.aggregate, event.aggregate_id)
-        reply = await self._request(event.subject, encode(event), headers)
+        reply = await self._request([(event.subject, encode(event), headers)])
         return await self._settle(reply, [event], expect)
 
     async def append_batch(
@@ -244,43 +253,58 @@ class EventLog:
             return [await self.append(events[0], expect=expect)]
         batch_id = events[0].id
         last = len(events)
+        messages: list[tuple[str, bytes, dict[str, str]]] = []
         for i, event in enumerate(events, start=1):
             headers = {H_MSG_ID: event.id, H_BATCH_ID: batch_id, H_BATCH_SEQ: str(i)}
             if i == 1 and expect is not None:
                 headers[H_EXPECT_SEQ] = str(expect)
                 headers[H_EXPECT_SUBJECT] = aggregate_subject(event.aggregate, event.aggregate_id)
-            if i < last:
-                await self.nc.publish(event.subject, encode(event), headers=headers)
-            else:
+            if i == last:
                 headers[H_BATCH_COMMIT] = "1"
-                reply = await self._request(event.subject, encode(event), headers)
+            messages.append((event.subject, encode(event), headers))
+        reply = await self._request(messages)
         seq = await self._settle(reply, events, expect)
         return list(range(seq - last + 1, seq + 1))
 
-    async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> Any:
+    async def _request(self, messages: Sequence[tuple[str, bytes, dict[str, str]]]) -> Any:
+        """Publish ``messages``, the last one as a request, and return the server's reply;
+        while no server can take them (no answer, or a replicated stream between leaders),
+        send them all again until ``APPEND_RETRY_FOR`` has passed. A whole batch is sent
+        again because a new stream leader knows nothing of a batch its predecessor was
+        given; the same Nats-Msg-Ids make every retry safe if an earlier try landed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + APPEND_RETRY_FOR
+        *first, (subject, payload, headers) = messages
         while True:
             try:
+                for s, p, h in first:
+                    await self.nc.publish(s, p, headers=h)
                 msg = await self.nc.request(
                     subject, payload, timeout=APPEND_TIMEOUT, headers=headers
                 )
-                return json.loads(msg.data)
+                reply = json.loads(msg.data)
+                error = reply.get("error") or {}
+                if error.get("code") != UNAVAILABLE and error.get("err_code") not in (
+                    ERR_DUPLICATE_IN_FLIGHT,
+                    ERR_BATCH_INCOMPLETE,
+                ):
+                    return reply
+                cause: Exception = AppendFailed(str(error.get("description")))
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
-                if loop.time() >= deadline:
-                    raise AppendFailed(
-                        f"no acknowledgement for {subject} within {APPEND_RETRY_FOR:.0f}s: "
-                        "is the NATS server up, with the Shipyard stream, and its store not full?"
-                    ) from e
-                # The same Nats-Msg-Id makes the retry safe if the first one landed.
-                await asyncio.sleep(0.25)
+                cause = e
+            if loop.time() >= deadline:
+                raise AppendFailed(
+                    f"no acknowledgement for {subject} within {APPEND_RETRY_FOR:.0f}s: "
+                    "is the NATS server up, with the Shipyard stream, and its store not full?"
+                ) from cause
+            await asyncio.sleep(RETRY_PAUSE)
 
     async def _settle(self, reply: Any, events: Sequence[Event[Any]], expect: int | None) -> int:
         error = reply.get("error")
         if not error:
             return int(reply["seq"])
         code = error.get("err_code")
-        if code in (ERR_WRONG_LAST_SEQUENCE, ERR_BATCH_DUPLICATE_ID):
+        if code in CONFLICTS:
             # A retry of an append that landed meets its own event: that is success.
             stored = await self._find(events[-1])
             if stored:
@@ -387,38 +411,109 @@ class EventLog:
         self, *, subject: str = ALL_EVENTS, start: int = 1
     ) -> AsyncIterator[tuple[int, bytes]]:
         """Like :meth:`follow`, without decoding: ``(sequence, json bytes)``."""
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start)
-        )
-        try:
-            sub = await self.js.subscribe(
-                subject, ordered_consumer=True, config=config, stream=self.stream
-            )
-        except nats.js.errors.NotFoundError as e:
-            raise StreamMissing() from e
-        # nats-py's message iterator costs a Task and an asyncio.wait per message, two
-        # thirds of a replay's time. Messages already queued are taken straight from the
-        # subscription's pending queue, with the bookkeeping the iterator would do (flow
-        # control counts what is still queued); only an empty queue waits through the
-        # iterator, which also ends the loop when the subscription is closed.
-        pending = sub._pending_queue
-        messages = sub.messages
+        position = _Position(max(1, start) - 1, await self._subscribe(subject, start))
+        watch = asyncio.create_task(self._watch(subject, position), name="follow-watch")
         try:
             while True:
-                try:
-                    msg = pending.get_nowait()
-                except asyncio.QueueEmpty:
+                # nats-py's message iterator costs a Task and an asyncio.wait per message,
+                # two thirds of a replay's time. Messages already queued are taken straight
+                # from the subscription's pending queue, with the bookkeeping the iterator
+                # would do (flow control counts what is still queued); only an empty queue
+                # waits through the iterator, which also ends the loop when the subscription
+                # is closed.
+                sub = position.sub
+                pending, messages = sub._pending_queue, sub.messages
+                while True:
                     try:
-                        msg = await anext(messages)
-                    except StopAsyncIteration:
-                        return
-                else:
-                    pending.task_done()
-                    sub._pending_size -= len(msg.data)
-                yield _stream_seq(msg.reply), msg.data
+                        msg = pending.get_nowait()
+                    except asyncio.QueueEmpty:
+                        position.waiting_since = asyncio.get_running_loop().time()
+                        try:
+                            msg = await anext(messages)
+                        except StopAsyncIteration:
+                            break
+                        finally:
+                            position.waiting_since = None
+                    else:
+                        pending.task_done()
+                        sub._pending_size -= len(msg.data)
+                    position.seen = _stream_seq(msg.reply)
+                    yield position.seen, msg.data
+                if not position.stalled:
+                    return  # closed
+                position.stalled = False
+                position.sub = await self._subscribe(subject, position.seen + 1, patient=True)
         finally:
+            watch.cancel()
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await position.sub.unsubscribe()
+
+    async def _watch(self, subject: str, position: _Position) -> None:
+        """End the subscription of a follower that has waited ``STALL_AFTER`` for an event
+        the stream already holds; :meth:`follow_raw` then follows again from the next one.
+        After a replicated stream changed leader, nats-py's ordered consumer was seen to
+        stay silent for good, neither resetting itself nor reporting an error."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(STALL_AFTER / 2)
+            since = position.waiting_since
+            if since is None or loop.time() - since < STALL_AFTER:
+                continue
+            seen = position.seen
+            try:
+                behind = await self.subject_last_seq(subject) > seen
+            except (nats.errors.Error, StreamMissing, TimeoutError):
+                continue  # no answer now (no leader?): look again later
+            if not behind or position.seen != seen or position.waiting_since != since:
+                continue
+            log.warning(
+                "following %s: nothing after %d for %.0fs though the stream has more; "
+                "following again from %d",
+                subject,
+                seen,
+                loop.time() - since,
+                seen + 1,
+                extra={"action": "follow_stalled"},
+            )
+            position.stalled = True
+            try:
+                await position.sub.unsubscribe()
+            except Exception:
+                position.stalled = False  # it is closing anyway
+
+    async def _subscribe(self, subject: str, start: int, *, patient: bool = False) -> Any:
+        """An ordered consumer from ``start``. A replicated stream's consumers are made by
+        its leader: while there is none (a node lost, an election under way), ask again —
+        for ``APPEND_RETRY_FOR``, or, when ``patient``, as long as it takes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + APPEND_RETRY_FOR
+        while True:
+            # A new config each time, so a new inbox: a consumer made by a try whose answer
+            # was lost then delivers to no one (and the server soon removes it).
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start)
+            )
+            try:
+                return await self.js.subscribe(
+                    subject, ordered_consumer=True, config=config, stream=self.stream
+                )
+            except nats.js.errors.NotFoundError as e:
+                raise StreamMissing() from e
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                if not patient and loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(RETRY_PAUSE)
+
+
+class _Position:
+    """Where a follower is: its subscription, the last sequence it yielded, and since when
+    it has been waiting for the next (None: it is not waiting)."""
+
+    def __init__(self, seen: int, sub: Any) -> None:
+        self.seen = seen
+        self.sub = sub
+        self.waiting_since: float | None = None
+        self.stalled = False
 
 
 def _stream_seq(reply: str) -> int:
