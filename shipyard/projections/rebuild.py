@@ -1,0 +1,153 @@
+"""Rebuilding the read models with two processes: this one receives, a worker folds.
+
+Receiving a stream through nats-py takes a core's worth of Python by itself, and the fold
+and DuckDB as much again; threads would take turns on one interpreter lock. So a long
+replay runs as a pipeline: this process receives the events — an ordered consumer with a
+callback, the cheapest way nats-py delivers — and passes their JSON on in frames, through a
+pipe, to ``python -m shipyard.projections.worker``, which decodes them, applies them with
+the live projector's fold and writes the database file (see :mod:`.worker`).
+
+When the worker falls behind, the pipe and then ``SEND_BUFFER`` fill, the callback waits,
+and JetStream's flow control holds the rest of the stream back on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+import shipyard
+from shipyard.errors import ShipyardError, UnknownEventType
+from shipyard.events.log import ALL_EVENTS, EventLog, _stream_seq
+from shipyard.projections.worker import END, frame
+
+FRAME_EVENTS = 2000  # events per frame
+SEND_BUFFER = 16 * 1024 * 1024  # bytes waiting for the worker before receiving pauses
+
+
+class RebuildFailed(ShipyardError):
+    """Rebuilding the read models failed in the worker process: the message holds its last
+    words. Run `shipyard replay` again; if it fails the same way, report it with them."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the worker did: the last sequence it applied, its CPU time and peak memory."""
+
+    seq: int
+    cpu_s: float
+    peak_mb: float
+
+
+def _worker_env() -> dict[str, str]:
+    """This environment, with the directory this ``shipyard`` was imported from first on
+    the path, so that the worker runs the same code."""
+    env = dict(os.environ)
+    root = str(Path(shipyard.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+async def rebuild(events: EventLog, path: Path | str, stop: int) -> Report:
+    """Project events 1 to ``stop`` into a new database file at ``path`` with a worker
+    process; the file is committed and closed when this returns."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shipyard.projections.worker",
+        str(path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_worker_env(),
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.transport.set_write_buffer_limits(high=SEND_BUFFER)
+    output = asyncio.gather(proc.stdout.read(), proc.stderr.read())
+    try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await _send(events, proc, stop)  # a worker that died says why on its stderr
+        out, err = await output
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        output.cancel()
+    return _verdict(out, err, stop)
+
+
+async def _send(events: EventLog, proc: asyncio.subprocess.Process, stop: int) -> None:
+    """Receive events 1 to ``stop`` and write them to the worker's input, in frames."""
+    assert proc.stdin is not None
+    stdin = proc.stdin
+    sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    seqs: array[int] = array("q")
+    payloads: list[bytes] = []
+
+    async def on_message(msg: Msg) -> None:
+        nonlocal seqs, payloads
+        if sent.done():
+            return
+        try:
+            seq = _stream_seq(msg.reply)
+            if seq > stop:
+                return
+            seqs.append(seq)
+            payloads.append(msg.data)
+            if len(payloads) >= FRAME_EVENTS or seq >= stop:
+                stdin.write(frame(seqs, payloads))
+                seqs, payloads = array("q"), []
+                if seq >= stop:
+                    stdin.write(END)
+                    stdin.close()
+                    sent.set_result(None)
+                    return
+                await stdin.drain()
+        except Exception as e:  # nats-py would only log it, and the rebuild would hang
+            if not sent.done():
+                sent.set_exception(e)
+
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=1)
+    sub = await events.js.subscribe(
+        ALL_EVENTS, ordered_consumer=True, config=config, stream=events.stream, cb=on_message
+    )
+    exited: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())
+    try:
+        await asyncio.wait([sent, exited], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        exited.cancel()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    if not sent.done():  # the worker exited first: its output says why
+        sent.cancel()
+        stdin.close()
+        return
+    sent.result()
+    await stdin.wait_closed()
+
+
+def _verdict(out: bytes, err: bytes, stop: int) -> Report:
+    """The worker's report, if it applied every event up to ``stop``; else raise."""
+    lines = out.decode(errors="replace").strip().splitlines()
+    try:
+        result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        result = {}
+    if result.get("error") == UnknownEventType.__name__:
+        raise UnknownEventType(str(result.get("message", "")))
+    if result.get("seq") == stop:
+        return Report(int(result["seq"]), float(result["cpu_s"]), float(result["peak_mb"]))
+    said = str(result.get("message") or "") or err.decode(errors="replace").strip()[-2000:]
+    raise RebuildFailed(f"rebuilding the read models failed in the worker: {said or 'no output'}")
