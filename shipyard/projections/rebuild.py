@@ -2,13 +2,13 @@
 
 Receiving a stream through nats-py takes a core's worth of Python by itself, and the fold
 and DuckDB as much again; threads would take turns on one interpreter lock. So a long
-replay runs as a pipeline: this process receives the events — an ordered consumer with a
-callback, the cheapest way nats-py delivers — and passes their JSON on in frames, through a
-pipe, to ``python -m shipyard.projections.worker``, which decodes them, applies them with
-the live projector's fold and writes the database file (see :mod:`.worker`).
+replay runs as a pipeline: this process receives the events (``EventLog.follow_raw``) and
+passes their JSON on in frames, through a pipe, to ``python -m shipyard.projections.worker``,
+which decodes them, applies them with the live projector's fold and writes the database
+file (see :mod:`.worker`).
 
-When the worker falls behind, the pipe and then ``SEND_BUFFER`` fill, the callback waits,
-and JetStream's flow control holds the rest of the stream back on the server.
+When the worker falls behind, the pipe and then ``SEND_BUFFER`` fill, receiving waits, and
+JetStream's flow control holds the rest of the stream back on the server.
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ import json
 import os
 import sys
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
-
 import shipyard
 from shipyard.errors import ShipyardError, UnknownEventType
-from shipyard.events.log import ALL_EVENTS, EventLog, _stream_seq
+from shipyard.events.log import EventLog
 from shipyard.projections.worker import END, frame
 
 FRAME_EVENTS = 2000  # events per frame
@@ -58,14 +56,18 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-async def rebuild(events: EventLog, path: Path | str, stop: int) -> Report:
+async def rebuild(
+    events: EventLog, path: Path | str, stop: int, *, worker_args: Sequence[str] = ()
+) -> Report:
     """Project events 1 to ``stop`` into a new database file at ``path`` with a worker
-    process; the file is committed and closed when this returns."""
+    process; the file is committed and closed when this returns. ``worker_args``: options
+    for the worker (``--chunk``, ``--row-cap``)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "shipyard.projections.worker",
         str(path),
+        *worker_args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -89,52 +91,41 @@ async def rebuild(events: EventLog, path: Path | str, stop: int) -> Report:
 
 
 async def _send(events: EventLog, proc: asyncio.subprocess.Process, stop: int) -> None:
-    """Receive events 1 to ``stop`` and write them to the worker's input, in frames."""
-    assert proc.stdin is not None
-    stdin = proc.stdin
-    sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    seqs: array[int] = array("q")
-    payloads: list[bytes] = []
-
-    async def on_message(msg: Msg) -> None:
-        nonlocal seqs, payloads
-        if sent.done():
-            return
-        try:
-            seq = _stream_seq(msg.reply)
-            if seq > stop:
-                return
-            seqs.append(seq)
-            payloads.append(msg.data)
-            if len(payloads) >= FRAME_EVENTS or seq >= stop:
-                stdin.write(frame(seqs, payloads))
-                seqs, payloads = array("q"), []
-                if seq >= stop:
-                    stdin.write(END)
-                    stdin.close()
-                    sent.set_result(None)
-                    return
-                await stdin.drain()
-        except Exception as e:  # nats-py would only log it, and the rebuild would hang
-            if not sent.done():
-                sent.set_exception(e)
-
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=1)
-    sub = await events.js.subscribe(
-        ALL_EVENTS, ordered_consumer=True, config=config, stream=events.stream, cb=on_message
-    )
+    """Receive events 1 to ``stop`` and write them to the worker's input, in frames; return
+    early if the worker exits."""
     exited: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())
+    sending = asyncio.ensure_future(_pipe(events, proc, stop))
     try:
-        await asyncio.wait([sent, exited], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([sending, exited], return_when=asyncio.FIRST_COMPLETED)
     finally:
         exited.cancel()
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    if not sent.done():  # the worker exited first: its output says why
-        sent.cancel()
-        stdin.close()
-        return
-    sent.result()
+        if not sending.done():  # the worker exited first: its output says why
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
+    if not sending.cancelled():
+        sending.result()
+
+
+async def _pipe(events: EventLog, proc: asyncio.subprocess.Process, stop: int) -> None:
+    assert proc.stdin is not None
+    stdin = proc.stdin
+    seqs: array[int] = array("q")
+    payloads: list[bytes] = []
+    # follow_raw, not a callback: nats-py answers JetStream's flow control for a callback
+    # subscription when a message arrives, not when the callback is done with it, so a
+    # callback that waits for the worker lets the messages pile up until nats-py drops them.
+    async for seq, payload in events.follow_raw(start=1):
+        seqs.append(seq)
+        payloads.append(payload)
+        if seq >= stop:
+            break
+        if len(payloads) >= FRAME_EVENTS:
+            stdin.write(frame(seqs, payloads))
+            seqs, payloads = array("q"), []
+            await stdin.drain()
+    stdin.write(frame(seqs, payloads) + END)
+    stdin.close()
     await stdin.wait_closed()
 
 

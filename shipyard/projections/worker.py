@@ -13,6 +13,7 @@ It imports no NATS client: it starts in a fraction of a second.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import resource
@@ -74,9 +75,10 @@ class Rebuild:
     the rows it touches that memory does not hold, as a live batch does.
     """
 
-    def __init__(self, models: ReadModels) -> None:
+    def __init__(self, models: ReadModels, *, row_cap: int = ROW_CAP) -> None:
         assert models.con is not None
         self.models = models
+        self.row_cap = row_cap
         self.batch = Batch(models.con, models.columns)
         self.spilled = False  # rows have been written out: the database holds some
 
@@ -87,7 +89,7 @@ class Rebuild:
         for event in events:
             batch.apply(event)
         batch.write_activity("insert")  # one line per event at most, keyed by its sequence
-        if sum(map(len, batch.rows.values())) > ROW_CAP:
+        if sum(map(len, batch.rows.values())) > self.row_cap:
             self._write_rows()
             for rows in batch.rows.values():
                 rows.clear()
@@ -106,17 +108,17 @@ class Rebuild:
         return self.batch.last_seq
 
 
-def work(path: str, stream: BinaryIO) -> int:
+def work(path: str, stream: BinaryIO, *, chunk_size: int = CHUNK, row_cap: int = ROW_CAP) -> int:
     """Apply every event in ``stream``'s frames to a new database at ``path``; return the
     last sequence applied."""
     models = ReadModels(path)
     models.open_sync()
     try:
-        fold = Rebuild(models)
+        fold = Rebuild(models, row_cap=row_cap)
         chunk: list[Event[Any]] = []
         for seq, payload in read_frames(stream):
             chunk.append(decode(payload, seq=seq))
-            if len(chunk) >= CHUNK:
+            if len(chunk) >= chunk_size:
                 fold.apply(chunk)
                 chunk = []
         fold.apply(chunk)
@@ -133,8 +135,13 @@ def main() -> int:
     # The fold makes millions of objects and no reference cycles: the collector's passes
     # over the rows held would cost more than the fold itself.
     gc.disable()
+    parser = argparse.ArgumentParser(prog="python -m shipyard.projections.worker")
+    parser.add_argument("path", help="the new database file")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help="events applied at a time")
+    parser.add_argument("--row-cap", type=int, default=ROW_CAP, help="rows held in memory")
+    args = parser.parse_args()
     try:
-        last = work(sys.argv[1], sys.stdin.buffer)
+        last = work(args.path, sys.stdin.buffer, chunk_size=args.chunk, row_cap=args.row_cap)
     except (UnknownEventType, EOFError) as e:
         _report(error=type(e).__name__, message=str(e))
         return 1
