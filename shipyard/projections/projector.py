@@ -143,20 +143,30 @@ async def build(
     *,
     stop: int | None = None,
     worker: bool | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> ReadModels:
     """Project the log from sequence 1 up to ``stop`` (default: its end now) into a new
     database at ``path``, and return it open.
 
     ``worker``: fold in a second process while this one receives (default: for
     :data:`REBUILD_MIN` events or more). A log read with a registry of its own (upcasters
-    defined at run time) is always folded here, where that registry lives.
+    defined at run time) is always folded here, where that registry lives. ``progress`` is
+    told the last sequence applied here, or handed to the worker, every few thousand.
     """
     if stop is None:
         stop = await events.stream_last_seq()
     if worker is None:
         worker = stop >= REBUILD_MIN
     if worker and stop > 0 and events.registry is REGISTRY:
-        await rebuild.rebuild(events, path, stop)
+        report = await rebuild.rebuild(events, path, stop, progress=progress)
+        log.info(
+            "rebuilt the read models from %d events in a worker process (%.1f s CPU, "
+            "peak memory %.0f MB)",
+            report.seq,
+            report.cpu_s,
+            report.peak_mb,
+            extra={"action": "rebuilt", "worker": report},
+        )
         models = ReadModels(path)
         await models.open()
         return models
@@ -167,8 +177,12 @@ async def build(
         async for event in events.read(start=1, stop=stop):
             batch.append(event)
             if len(batch) >= REPLAY_BATCH:
-                await models.run(models.apply_sync, batch)
+                applied = await models.run(models.apply_sync, batch)
                 batch = []
+                if progress is not None:
+                    progress(applied)
         if batch:
-            await models.run(models.apply_sync, batch)
+            applied = await models.run(models.apply_sync, batch)
+            if progress is not None:
+                progress(applied)
     return models

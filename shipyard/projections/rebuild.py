@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +57,17 @@ def _worker_env() -> dict[str, str]:
 
 
 async def rebuild(
-    events: EventLog, path: Path | str, stop: int, *, worker_args: Sequence[str] = ()
+    events: EventLog,
+    path: Path | str,
+    stop: int,
+    *,
+    progress: Callable[[int], None] | None = None,
+    worker_args: Sequence[str] = (),
 ) -> Report:
     """Project events 1 to ``stop`` into a new database file at ``path`` with a worker
-    process; the file is committed and closed when this returns. ``worker_args``: options
-    for the worker (``--chunk``, ``--row-cap``)."""
+    process; the file is committed and closed when this returns. ``progress`` is told the
+    last sequence handed to the worker, frame by frame; ``worker_args``: options for the
+    worker (``--chunk``, ``--row-cap``)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -78,7 +84,7 @@ async def rebuild(
     output = asyncio.gather(proc.stdout.read(), proc.stderr.read())
     try:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            await _send(events, proc, stop)  # a worker that died says why on its stderr
+            await _send(events, proc, stop, progress)  # a dead worker says why on stderr
         out, err = await output
         await proc.wait()
     finally:
@@ -90,11 +96,16 @@ async def rebuild(
     return _verdict(out, err, stop)
 
 
-async def _send(events: EventLog, proc: asyncio.subprocess.Process, stop: int) -> None:
+async def _send(
+    events: EventLog,
+    proc: asyncio.subprocess.Process,
+    stop: int,
+    progress: Callable[[int], None] | None,
+) -> None:
     """Receive events 1 to ``stop`` and write them to the worker's input, in frames; return
     early if the worker exits."""
     exited: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())
-    sending = asyncio.ensure_future(_pipe(events, proc, stop))
+    sending = asyncio.ensure_future(_pipe(events, proc, stop, progress))
     try:
         await asyncio.wait([sending, exited], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -107,7 +118,12 @@ async def _send(events: EventLog, proc: asyncio.subprocess.Process, stop: int) -
         sending.result()
 
 
-async def _pipe(events: EventLog, proc: asyncio.subprocess.Process, stop: int) -> None:
+async def _pipe(
+    events: EventLog,
+    proc: asyncio.subprocess.Process,
+    stop: int,
+    progress: Callable[[int], None] | None,
+) -> None:
     assert proc.stdin is not None
     stdin = proc.stdin
     seqs: array[int] = array("q")
@@ -123,10 +139,14 @@ async def _pipe(events: EventLog, proc: asyncio.subprocess.Process, stop: int) -
         if len(payloads) >= FRAME_EVENTS:
             stdin.write(frame(seqs, payloads))
             seqs, payloads = array("q"), []
+            if progress is not None:
+                progress(seq)
             await stdin.drain()
     stdin.write(frame(seqs, payloads) + END)
     stdin.close()
     await stdin.wait_closed()
+    if progress is not None:
+        progress(stop)
 
 
 def _verdict(out: bytes, err: bytes, stop: int) -> Report:
