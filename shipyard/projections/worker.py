@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import queue
 import resource
 import struct
 import sys
+import threading
 from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
@@ -29,7 +31,8 @@ from shipyard.projections.fold import Batch
 from shipyard.projections.models import ReadModels
 
 CHUNK = 50_000  # events decoded before they are applied
-ROW_CAP = 1_000_000  # read-model rows held in memory before they are written out
+ROW_CAP = 200_000  # read-model rows held in memory (about 1.3 KB each) before they are written out
+QUEUED_FRAMES = 64  # frames read ahead while a chunk is applied
 _HEADER = struct.Struct("<II")
 END = _HEADER.pack(0, 0)  # the frame that ends the input
 
@@ -42,8 +45,8 @@ def frame(seqs: array[int], payloads: Sequence[bytes]) -> bytes:
 
 
 def read_frames(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """``(sequence, payload)`` from every frame up to the end frame; ``EOFError`` if the
-    input ends before it."""
+    """Each frame's ``count`` and body, up to the end frame; ``EOFError`` if the input ends
+    before it."""
     while True:
         header = stream.read(_HEADER.size)
         if len(header) < _HEADER.size:
@@ -54,14 +57,46 @@ def read_frames(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
         body = stream.read(size)
         if len(body) < size:
             raise EOFError("the events stopped coming in the middle of a frame")
-        seqs = array("q")
-        seqs.frombytes(body[: 8 * count])
-        lengths = array("I")
-        lengths.frombytes(body[8 * count : 12 * count])
-        offset = 12 * count
-        for seq, length in zip(seqs, lengths, strict=True):
-            yield seq, body[offset : offset + length]
-            offset += length
+        yield count, body
+
+
+def unpack(count: int, body: bytes) -> Iterator[tuple[int, bytes]]:
+    """``(sequence, payload)`` for each event in a frame's body."""
+    seqs = array("q")
+    seqs.frombytes(body[: 8 * count])
+    lengths = array("I")
+    lengths.frombytes(body[8 * count : 12 * count])
+    offset = 12 * count
+    for seq, length in zip(seqs, lengths, strict=True):
+        yield seq, body[offset : offset + length]
+        offset += length
+
+
+Frames = queue.Queue[tuple[int, bytes] | BaseException | None]
+
+
+def _receive(stream: BinaryIO, frames: Frames) -> None:
+    """In a thread of its own: every frame into ``frames``, then ``None`` (or the error
+    that ended the input)."""
+    try:
+        for item in read_frames(stream):
+            frames.put(item)
+    except BaseException as e:  # handed to the fold's thread, which raises it
+        frames.put(e)
+    else:
+        frames.put(None)
+
+
+def received(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """``(sequence, payload)`` of every event in ``stream``'s frames. The frames are read
+    by a thread of their own, so that the sender can go on while a chunk is applied:
+    reading a pipe waits without the interpreter lock."""
+    frames: Frames = queue.Queue(QUEUED_FRAMES)
+    threading.Thread(target=_receive, args=(stream, frames), daemon=True).start()
+    while (item := frames.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield from unpack(*item)
 
 
 class Rebuild:
@@ -116,7 +151,7 @@ def work(path: str, stream: BinaryIO, *, chunk_size: int = CHUNK, row_cap: int =
     try:
         fold = Rebuild(models, row_cap=row_cap)
         chunk: list[Event[Any]] = []
-        for seq, payload in read_frames(stream):
+        for seq, payload in received(stream):
             chunk.append(decode(payload, seq=seq))
             if len(chunk) >= chunk_size:
                 fold.apply(chunk)
