@@ -53,6 +53,9 @@ QUIET = frozenset(
     }
 )
 TEXT_LIMIT = 2000  # characters of free text kept per activity line
+# An activity line's columns, in the order the fold makes them: there are many more lines
+# than rows of other tables, and none is read back, so they are tuples, not dicts.
+ACTIVITY = ("seq", "at_time", "task_id", "run_id", "kind", "actor", "text")
 
 
 @cache
@@ -82,7 +85,7 @@ class Batch:
         self.con = con
         self.columns = columns
         self.rows: dict[str, dict[tuple[Any, ...], Row]] = {table: {} for table in KEYS}
-        self.activity: list[Row] = []
+        self.activity: list[tuple[Any, ...]] = []  # lines in ACTIVITY's column order
         self.last_seq = 0
         self.last_time: datetime | None = None
 
@@ -169,8 +172,8 @@ class Batch:
     def write_activity(self, action: Action = "upsert") -> None:
         """Write the activity lines made so far, and forget them: a line never changes."""
         if self.activity:
-            appender = self.con.appender("activity", action=action)
-            appender.append_rows(list(map(_values(self.columns["activity"]), self.activity)))
+            appender = self.con.appender("activity", columns=list(ACTIVITY), action=action)
+            appender.append_rows(self.activity)
             appender.flush()
             self.activity = []
 
@@ -198,15 +201,15 @@ class Batch:
         else:
             body = text.summary(event)
         self.activity.append(
-            {
-                "seq": event.seq,
-                "at_time": at,
-                "task_id": event.aggregate_id if event.aggregate == "task" else "",
-                "run_id": getattr(data, "run_id", ""),
-                "kind": event.type,
-                "actor": event.actor,
-                "text": body[:TEXT_LIMIT],
-            }
+            (
+                event.seq,
+                at,
+                event.aggregate_id if event.aggregate == "task" else "",
+                getattr(data, "run_id", ""),
+                event.type,
+                event.actor,
+                body[:TEXT_LIMIT],
+            )
         )
 
 
