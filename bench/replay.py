@@ -9,14 +9,16 @@ writing is not measured) and restarted as ``shipyard up`` runs it. Then:
    process. **EventLog.follow_raw** (msg/s) is Shipyard's own ordered consumer over the
    first ``follow_sample`` messages: what ``build()`` and every other reader sit on.
 2. **replay** (events/s) — :func:`shipyard.projections.projector.build` from sequence 1 to N
-   into a new DuckDB file, as ``shipyard replay`` does; ratio = replay / raw, target ≥ 0.6
-   at a million events. **Peak RSS**: this process's high-water mark during the replay
-   (``VmHWM``, reset just before it through ``/proc/self/clear_refs``).
+   into a new DuckDB file, as ``shipyard replay`` does: this process receives while a worker
+   process (:mod:`shipyard.projections.worker`) decodes, folds and writes; ratio = replay /
+   raw, target ≥ 0.6 at a million events. **Peak RSS**: this process's high-water mark
+   during the replay (``VmHWM``, reset just before it through ``/proc/self/clear_refs``),
+   and the worker's.
 
-Below the table, where the replay's time went: inside ``ReadModels.apply_sync`` (fold and
-DuckDB, on the database thread; timed by wrapping the method), in ``envelope.decode``
-(timed alone on 50,000 of the payloads: a lower bound), and the rest (receiving through
-``follow_raw``, the async generators above it, batching).
+Below the table, where the CPU went, in the baseline and in the replay: this process
+(receiving, and handing events on), the worker (decode, fold, DuckDB) and nats-server. The
+replay's progress curve counts the events handed to the worker; the worker trails it by
+what the pipe and the send buffer hold, and writes its tables once all have arrived.
 
 With two cores the nats-server, the event loop and the database thread compete, and other
 load shows up directly in the rates. ``python -m bench replay`` runs it in the suite.
@@ -26,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +41,11 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bench import _common as c
 from bench import workload
-from shipyard.events.envelope import Event, decode
 from shipyard.events.log import ALL_EVENTS, STREAM, EventLog, connect
-from shipyard.projections.projector import ReadModels, build
+from shipyard.projections import projector, rebuild
+from shipyard.projections.projector import build
 
 RATIO_TARGET = 0.6  # replay / raw ordered consumer, at least
-DECODE_SAMPLE = 50_000  # payloads kept from the raw pass to time decoding alone
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,10 @@ FULL = Sizes(events=1_000_000, follow_sample=100_000, days=30.0)
 Curve = list[tuple[float, int]]  # (seconds since the start, messages or events done)
 
 
-async def raw_rate(log: EventLog, count: int, keep: int) -> tuple[float, list[bytes], Curve]:
+async def raw_rate(log: EventLog, count: int) -> tuple[float, Curve]:
     """Messages per second of a bare nats-py ordered consumer receiving ``count`` messages
-    from sequence 1; also the first ``keep`` payloads, and its progress over time."""
+    from sequence 1, and its progress over time."""
     done = asyncio.Event()
-    kept: list[bytes] = []
     received = 0
     curve: Curve = [(0.0, 0)]
     every = max(1, count // 50)
@@ -73,8 +73,6 @@ async def raw_rate(log: EventLog, count: int, keep: int) -> tuple[float, list[by
     async def on_message(msg: Msg) -> None:
         nonlocal received
         received += 1
-        if len(kept) < keep:
-            kept.append(msg.data)
         if received % every == 0 or received >= count:
             curve.append((time.perf_counter() - started, received))
         if received >= count:
@@ -90,7 +88,7 @@ async def raw_rate(log: EventLog, count: int, keep: int) -> tuple[float, list[by
         elapsed = time.perf_counter() - started
     finally:
         await sub.unsubscribe()
-    return count / elapsed, kept, curve
+    return count / elapsed, curve
 
 
 async def follow_raw_rate(log: EventLog, count: int) -> float:
@@ -102,44 +100,54 @@ async def follow_raw_rate(log: EventLog, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def decode_seconds(payloads: Sequence[bytes]) -> float:
-    """Seconds per event of :func:`shipyard.events.envelope.decode` alone."""
-    started = time.perf_counter()
-    for i, payload in enumerate(payloads, start=1):
-        decode(payload, seq=i)
-    return (time.perf_counter() - started) / max(1, len(payloads))
+class RebuildWatch(logging.Handler):
+    """What a replay's rebuild did: events handed to the worker over time, and the
+    worker's report, from the record ``build()`` logs when it is done."""
 
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.sent: list[tuple[float, int]] = []  # (perf_counter, last sequence handed on)
+        self.report: rebuild.Report | None = None
 
-@dataclass
-class ApplyClock:
-    """Time spent in ``ReadModels.apply_sync`` (on the database thread) during a replay."""
+    def progress(self, seq: int) -> None:
+        self.sent.append((time.perf_counter(), seq))
 
-    seconds: float = 0.0
-    batches: int = 0
-    done: list[tuple[float, int]] = field(default_factory=list)  # (perf_counter, events)
+    def emit(self, record: logging.LogRecord) -> None:
+        report = getattr(record, "worker", None)
+        if isinstance(report, rebuild.Report):
+            self.report = report
 
 
 @contextlib.contextmanager
-def timing_apply() -> Iterator[ApplyClock]:
-    clock = ApplyClock()
-    original = ReadModels.apply_sync
-
-    @functools.wraps(original)
-    def timed(self: ReadModels, events: list[Event[Any]]) -> int:
-        started = time.perf_counter()
-        try:
-            return original(self, events)
-        finally:
-            ended = time.perf_counter()
-            clock.seconds += ended - started
-            clock.batches += 1
-            clock.done.append((ended, len(events)))
-
-    ReadModels.apply_sync = timed  # type: ignore[method-assign]
+def watching_rebuild() -> Iterator[RebuildWatch]:
+    watch = RebuildWatch()
+    logger = logging.getLogger(projector.__name__)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(watch)
     try:
-        yield clock
+        yield watch
     finally:
-        ReadModels.apply_sync = original  # type: ignore[method-assign]
+        logger.removeHandler(watch)
+        logger.setLevel(level)
+
+
+@dataclass
+class Cpu:
+    """CPU seconds of this process and of nats-server over a stretch of time."""
+
+    server_pid: int
+    here: float = 0.0
+    server: float = 0.0
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        here, server = c.self_cpu_seconds(), c.proc_cpu_seconds(self.server_pid)
+        try:
+            yield
+        finally:
+            self.here = c.self_cpu_seconds() - here
+            self.server = c.proc_cpu_seconds(self.server_pid) - server
 
 
 def status_mb(field: str) -> float:
@@ -170,41 +178,50 @@ async def measure(quick: bool, parent: str | None) -> dict[str, Any]:
         log = EventLog(nc)
         n = await log.stream_last_seq()
 
-        raw, payloads, raw_curve = await raw_rate(log, n, DECODE_SAMPLE)
+        assert server.pid is not None
+        raw_cpu = Cpu(server.pid)
+        with raw_cpu.measuring():
+            raw, raw_curve = await raw_rate(log, n)
         c.note(f"raw ordered consumer, {n:,} messages: {raw:,.0f} msg/s")
         follow_n = min(n, sizes.follow_sample)
         follow = await follow_raw_rate(log, follow_n)
         c.note(f"EventLog.follow_raw, {follow_n:,} messages: {follow:,.0f} msg/s")
-        decode_s = decode_seconds(payloads)
-        del payloads
 
         c.note(f"replay: build() of {n:,} events into a new DuckDB file")
         path = root / "replay" / "readmodels.duckdb"
         rss_before = status_mb("VmRSS")
         exact_peak = reset_peak_rss()
-        with timing_apply() as clock:
+        replay_cpu = Cpu(server.pid)
+        with watching_rebuild() as watch, replay_cpu.measuring():
             started = time.perf_counter()
-            models = await build(log, path, stop=n)
+            models = await build(log, path, stop=n, progress=watch.progress)
             elapsed = time.perf_counter() - started
         stack.push_async_callback(models.close)
         peak = status_mb("VmHWM")
+        if watch.report is None:
+            raise c.BenchError("build() did not use a worker process")
+        worker = watch.report
         replay_curve: Curve = [(0.0, 0)]
-        for ended, events in clock.done:
-            replay_curve.append((ended - started, replay_curve[-1][1] + events))
+        replay_curve += [(at - started, seq) for at, seq in watch.sent]
+        replay_curve.append((elapsed, n))
         rate = n / elapsed
-        c.note(f"  {rate:,.0f} ev/s, peak RSS {peak:,.0f} MB")
+        c.note(f"  {rate:,.0f} ev/s, peak RSS {peak:,.0f} MB here, {worker.peak_mb:,.0f} MB worker")
         checkpoint = await models.run(models.checkpoint_sync)
         if checkpoint != n:
             raise c.BenchError(f"the replay stopped at {checkpoint:,}, not {n:,}")
 
-    apply_share = clock.seconds / elapsed
-    decode_share = min(1.0 - apply_share, decode_s * n / elapsed)
     peak_note = "" if exact_peak else " (the process's: VmHWM could not be reset)"
+    raw_s = n / raw
+
+    def per_event(seconds: float) -> str:
+        return f"{seconds:6.1f} s  {seconds * 1e6 / n:5.1f} µs/event"
+
     figures = [
         c.Figure("raw ordered consumer", "msg/s", raw),
         c.at_most("EventLog.follow_raw", "msg/s", follow, None, raw),
         c.at_least_ratio("replay: build()", "ev/s", rate, raw, RATIO_TARGET, "msg/s"),
         c.at_most("replay: peak RSS", "MB", peak, None),
+        c.at_most("replay: worker peak RSS", "MB", worker.peak_mb, None),
     ]
     return {
         "sizes": vars(sizes),
@@ -215,21 +232,27 @@ async def measure(quick: bool, parent: str | None) -> dict[str, Any]:
             "events_per_s": rate,
             "raw_msg_per_s": raw,
             "follow_raw_msg_per_s": follow,
-            "apply_share": apply_share,
-            "decode_share": decode_share,
+            "raw_cpu_s": {"here": raw_cpu.here, "nats_server": raw_cpu.server},
+            "replay_cpu_s": {
+                "here": replay_cpu.here,
+                "worker": worker.cpu_s,
+                "nats_server": replay_cpu.server,
+            },
         },
         "curves": {"raw": raw_curve, "replay": replay_curve},
         "details": [
             "",
             f"N = {n:,} events. Baseline: a bare nats-py ordered consumer (a callback that",
             f"counts) over the same N. replay / EventLog.follow_raw = {rate / follow:.2f}.",
-            f"where the replay's {elapsed:.1f}s went ({elapsed * 1e6 / n:.1f} µs per event):",
-            f"  ReadModels.apply_sync (fold + DuckDB)  {100 * apply_share:5.1f} %  "
-            f"({clock.batches} batches)",
-            f"  envelope.decode (timed alone)          {100 * decode_share:5.1f} %",
-            f"  receiving and the rest                 "
-            f"{100 * max(0.0, 1 - apply_share - decode_share):5.1f} %",
-            f"memory: RSS {rss_before:,.0f} MB before, peak {peak:,.0f} MB{peak_note}",
+            f"CPU, baseline ({raw_s:.1f}s wall, {2 * raw_s:.1f} core-seconds on two cores):",
+            f"  receiving (nats-py)                  {per_event(raw_cpu.here)}",
+            f"  nats-server                          {per_event(raw_cpu.server)}",
+            f"CPU, replay ({elapsed:.1f}s wall, {2 * elapsed:.1f} core-seconds on two cores):",
+            f"  receiving, handing on (this process) {per_event(replay_cpu.here)}",
+            f"  decode, fold, DuckDB (the worker)    {per_event(worker.cpu_s)}",
+            f"  nats-server                          {per_event(replay_cpu.server)}",
+            f"memory: RSS {rss_before:,.0f} MB before, peak {peak:,.0f} MB{peak_note}; "
+            f"the worker's peak {worker.peak_mb:,.0f} MB",
         ],
     }
 

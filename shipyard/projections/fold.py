@@ -8,8 +8,11 @@ comes from an event, so two replays of the same log give the same tables.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from functools import cache
+from operator import itemgetter
+from typing import Any, Literal
 
 import duckdb
 
@@ -18,6 +21,7 @@ from shipyard.events import types as t
 from shipyard.events.envelope import Event
 
 Row = dict[str, Any]
+Action = Literal["insert", "upsert"]  # how an appender writes: upsert replaces by key
 
 KEYS: dict[str, tuple[str, ...]] = {
     "tasks": ("task_id",),
@@ -49,29 +53,47 @@ QUIET = frozenset(
     }
 )
 TEXT_LIMIT = 2000  # characters of free text kept per activity line
+# An activity line's columns, in the order the fold makes them: there are many more lines
+# than rows of other tables, and none is read back, so they are tuples, not dicts.
+ACTIVITY = ("seq", "at_time", "task_id", "run_id", "kind", "actor", "text")
+
+
+@cache
+def _values(columns: tuple[str, ...]) -> Callable[[Row], tuple[Any, ...]]:
+    """A row's values in ``columns``' order (every table has several columns)."""
+    assert len(columns) > 1
+    return itemgetter(*columns)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
 
 
 def utc(value: datetime) -> datetime:
     """Event times as naive UTC, which DuckDB stores as TIMESTAMP."""
-    if value.tzinfo is UTC:  # as decoded: no conversion needed, and this runs per event
-        return value.replace(tzinfo=None)
-    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+    if value.tzinfo is None:
+        return value
+    # value.astimezone(UTC).replace(tzinfo=None), exactly, in a seventh of the time (this
+    # runs for every event)
+    return _NAIVE_EPOCH + (value - _EPOCH)
 
 
 class Batch:
     """The rows one batch of events changes."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, columns: dict[str, list[str]]):
+    def __init__(self, con: duckdb.DuckDBPyConnection, columns: dict[str, tuple[str, ...]]):
         self.con = con
         self.columns = columns
         self.rows: dict[str, dict[tuple[Any, ...], Row]] = {table: {} for table in KEYS}
-        self.activity: list[Row] = []
+        self.activity: list[tuple[Any, ...]] = []  # lines in ACTIVITY's column order
         self.last_seq = 0
         self.last_time: datetime | None = None
 
     # --- loading --------------------------------------------------------------------
 
     def _load(self, table: str, where: str, values: list[Any]) -> None:
+        """Load the rows whose ``where`` is one of ``values``. Rows already held are newer
+        than the stored ones (a batch can outlive a transaction, see rebuild.py): they stay."""
         if not values:
             return
         cols = self.columns[table]
@@ -80,32 +102,51 @@ class Batch:
             [values],
         ).fetchall()
         key_cols = KEYS[table]
+        held = self.rows[table]
         for values_row in result:
             row = dict(zip(cols, values_row, strict=True))
-            self.rows[table][tuple(row[k] for k in key_cols)] = row
+            held.setdefault(tuple(row[k] for k in key_cols), row)
 
     def preload(self, events: list[Event[Any]]) -> None:
-        task_ids = sorted({e.aggregate_id for e in events if e.aggregate == "task"})
-        self._load("tasks", "task_id", task_ids)
-        run_ids = {getattr(e.data, "run_id", "") for e in events}
-        run_ids |= {row["run_id"] for row in self.rows["tasks"].values()}
+        # One pass over the batch gathers every key to load.
+        task_ids: set[str] = set()
+        run_ids: set[str] = set()
+        card_ids: set[str] = set()
+        agents: set[str] = set()
+        handlers: set[str] = set()
+        threads: set[str] = set()
+        groups: set[str] = set()
+        read: set[str] = set()
+        for e in events:
+            data = e.data
+            if e.aggregate == "task":
+                task_ids.add(e.aggregate_id)
+            run_ids.add(getattr(data, "run_id", ""))
+            if isinstance(data, t.CardMoved):
+                card_ids.add(data.card_id)
+            elif isinstance(data, t.TaskClaimed):
+                agents.add(data.agent)
+            elif isinstance(data, t.HandlerHeartbeat):
+                handlers.add(e.aggregate_id)
+            elif isinstance(data, t.MessageSent):
+                threads.add(e.aggregate_id)
+            elif isinstance(data, t.TaskDispatched | t.GroupFinished):
+                groups.add(data.group)
+            elif isinstance(data, t.MessageRead):
+                read.add(data.message_id)
+        self._load("tasks", "task_id", sorted(task_ids))
+        tasks = self.rows["tasks"]
+        run_ids |= {tasks[(i,)]["run_id"] for i in task_ids if (i,) in tasks}
         run_list = sorted(r for r in run_ids if r)
         self._load("runs", "run_id", run_list)
         self._load("phases", "run_id", run_list)
-        card_ids = sorted({e.data.card_id for e in events if isinstance(e.data, t.CardMoved)})
-        self._load("cards", "card_id", card_ids)
-        agents = {e.data.agent for e in events if isinstance(e.data, t.TaskClaimed)}
-        agents |= {row["agent"] for row in self.rows["runs"].values()}
+        self._load("cards", "card_id", sorted(card_ids))
+        runs = self.rows["runs"]
+        agents |= {runs[(r,)]["agent"] for r in run_list if (r,) in runs}
         self._load("agents", "name", sorted(a for a in agents if a))
-        handlers = [e.aggregate_id for e in events if isinstance(e.data, t.HandlerHeartbeat)]
-        self._load("handlers", "handler_id", sorted(set(handlers)))
-        threads = {e.aggregate_id for e in events if isinstance(e.data, t.MessageSent)}
+        self._load("handlers", "handler_id", sorted(handlers))
         self._load("threads", "thread_id", sorted(threads))
-        groups = {
-            e.data.group for e in events if isinstance(e.data, t.TaskDispatched | t.GroupFinished)
-        }
         self._load("groups", "group_name", sorted(g for g in groups if g))
-        read = {e.data.message_id for e in events if isinstance(e.data, t.MessageRead)}
         self._load("message_reads", "message_id", sorted(read))  # the first receipt stands
 
     def get(self, table: str, *key: Any) -> Row | None:
@@ -117,19 +158,24 @@ class Batch:
 
     # --- writing --------------------------------------------------------------------
 
-    def write(self) -> None:
+    def write(self, action: Action = "upsert") -> None:
+        """Write every row held, and the activity lines (see :meth:`write_activity`).
+        ``action``: the appenders' — "insert" when the tables cannot hold these keys yet."""
         for table, rows in self.rows.items():
             if not rows:
                 continue
-            cols = self.columns[table]
-            appender = self.con.appender(table, action="upsert")
-            appender.append_rows([tuple(row[c] for c in cols) for row in rows.values()])
+            appender = self.con.appender(table, action=action)
+            appender.append_rows(list(map(_values(self.columns[table]), rows.values())))
             appender.flush()
+        self.write_activity(action)
+
+    def write_activity(self, action: Action = "upsert") -> None:
+        """Write the activity lines made so far, and forget them: a line never changes."""
         if self.activity:
-            cols = self.columns["activity"]
-            appender = self.con.appender("activity", action="upsert")
-            appender.append_rows([tuple(row[c] for c in cols) for row in self.activity])
+            appender = self.con.appender("activity", columns=list(ACTIVITY), action=action)
+            appender.append_rows(self.activity)
             appender.flush()
+            self.activity = []
 
     # --- applying -------------------------------------------------------------------
 
@@ -138,7 +184,11 @@ class Batch:
         self.last_time = event.time
         at = utc(event.time)
         data = event.data
-        handler = next((_APPLY[c] for c in type(data).__mro__ if c in _APPLY), None)
+        kind = type(data)
+        try:
+            handler = _HANDLERS[kind]
+        except KeyError:  # the first event of its class: find the function that applies it
+            handler = _HANDLERS[kind] = next((_APPLY[c] for c in kind.__mro__ if c in _APPLY), None)
         if handler is not None:
             handler(self, event, data, at)
         if event.type not in QUIET:
@@ -151,15 +201,15 @@ class Batch:
         else:
             body = text.summary(event)
         self.activity.append(
-            {
-                "seq": event.seq,
-                "at_time": at,
-                "task_id": event.aggregate_id if event.aggregate == "task" else "",
-                "run_id": getattr(data, "run_id", ""),
-                "kind": event.type,
-                "actor": event.actor,
-                "text": body[:TEXT_LIMIT],
-            }
+            (
+                event.seq,
+                at,
+                event.aggregate_id if event.aggregate == "task" else "",
+                getattr(data, "run_id", ""),
+                event.type,
+                event.actor,
+                body[:TEXT_LIMIT],
+            )
         )
 
 
@@ -584,3 +634,4 @@ _APPLY: dict[type, Any] = {
     t.TaskEscalated: _escalated,
     t.GroupFinished: _group_finished,
 }
+_HANDLERS: dict[type, Any] = {}  # each event class met so far: its entry in _APPLY, or None

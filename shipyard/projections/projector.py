@@ -3,7 +3,8 @@
 It reads from its checkpoint + 1 with an ordered consumer, applies events in batches — each
 batch and the new checkpoint in one transaction, so a crash loses and doubles nothing — and
 says how far behind it is while it catches up. DuckDB lets one process open a file, so the
-projector and every query share one connection, used from one thread.
+projector and every query share one connection, used from one thread. :func:`build` makes
+a new database from the log, with a second process for the fold when the log is long.
 """
 
 from __future__ import annotations
@@ -12,32 +13,30 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import duckdb
-
-from shipyard.errors import StorageError
 from shipyard.events.envelope import Event, decode
 from shipyard.events.log import EventLog
-from shipyard.projections import sql
-from shipyard.projections.fold import KEYS, Batch, utc
+from shipyard.events.types import REGISTRY
+from shipyard.projections import rebuild
+from shipyard.projections.models import DB_FILE as DB_FILE
+from shipyard.projections.models import ReadModels as ReadModels
 
 log = logging.getLogger(__name__)
 
-NAME = "readmodels"
-DB_FILE = "readmodels.duckdb"  # under the data dir
 MAX_BATCH = 5000  # events applied in one transaction
 REPLAY_BATCH = 25_000  # the same for build(): each batch costs a load and an upsert per table
+# From this many events on, build() folds in a second process (see rebuild.py); below it,
+# starting that process would cost more than it saves.
+REBUILD_MIN = 20_000
 QUEUE_SIZE = 20_000  # decoded events waiting to be applied
 # Seconds between the starts of two transactions while events keep coming. A transaction
 # has a fixed cost (a look-up per table, an appender per table, the checkpoint) of several
 # milliseconds: one per event would take a core at a hundred events a second. An event
 # after a quiet spell is applied at once.
 APPLY_EVERY = 0.05
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,118 +54,6 @@ class Status:
         if self.target_seq <= 0:
             return 100.0
         return round(100.0 * min(self.applied_seq, self.target_seq) / self.target_seq, 1)
-
-
-class ReadModels:
-    """One DuckDB database of read models, used from a single worker thread."""
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = str(path)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duckdb")
-        self.con: duckdb.DuckDBPyConnection | None = None
-        self.columns: dict[str, list[str]] = {}
-
-    def open_sync(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(self.path)
-        if self._schema_changed(self.con):
-            # Read models are derived: a file made with another schema is rebuilt from the log.
-            log.info(
-                "read models in %s have an older layout; rebuilding them from the event log",
-                self.path,
-                extra={"action": "schema_rebuild"},
-            )
-            self.con.close()
-            for suffix in ("", ".wal"):
-                Path(self.path + suffix).unlink(missing_ok=True)
-            self.con = duckdb.connect(self.path)
-        self.con.execute(sql.schema())
-        self.con.execute("CREATE TABLE IF NOT EXISTS schema_info (fingerprint VARCHAR NOT NULL)")
-        self.con.execute("DELETE FROM schema_info")
-        self.con.execute("INSERT INTO schema_info VALUES (?)", [sql.fingerprint()])
-        for table in [*KEYS, "activity"]:
-            cols = self.con.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
-                "ORDER BY ordinal_position",
-                [table],
-            ).fetchall()
-            self.columns[table] = [c[0] for c in cols]
-
-    def _schema_changed(self, con: duckdb.DuckDBPyConnection) -> bool:
-        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        if not tables:
-            return False
-        if "schema_info" not in tables:
-            return True
-        row = con.execute("SELECT fingerprint FROM schema_info").fetchone()
-        return row is None or row[0] != sql.fingerprint()
-
-    async def open(self) -> None:
-        try:
-            await self.run(self.open_sync)
-        except duckdb.IOException as e:  # a full or read-only disk, mostly
-            raise StorageError(
-                f"cannot open the read models {self.path}: {e}. Free some space or fix the "
-                "permissions of its directory, or pass another --data-dir."
-            ) from e
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the database thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def checkpoint_sync(self) -> int:
-        assert self.con is not None
-        row = self.con.execute("SELECT seq FROM checkpoints WHERE projector = ?", [NAME]).fetchone()
-        return int(row[0]) if row else 0
-
-    def apply_sync(self, events: list[Event[Any]]) -> int:
-        """Apply a batch and its checkpoint in one transaction; return the new checkpoint."""
-        assert self.con is not None
-        con = self.con
-        con.execute("BEGIN")
-        try:
-            batch = Batch(con, self.columns)
-            batch.preload(events)
-            for event in events:
-                batch.apply(event)
-            batch.write()
-            con.execute(
-                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)",
-                [NAME, batch.last_seq, _naive(batch.last_time)],
-            )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        return batch.last_seq
-
-    def digests_sync(self) -> dict[str, str]:
-        """A digest of each table's content, ordered by key: equal digests, equal tables."""
-        assert self.con is not None
-        out = {}
-        for table in [*KEYS, "activity", "checkpoints"]:
-            order = ", ".join(KEYS.get(table, ("seq",) if table == "activity" else ("projector",)))
-            agg = f"string_agg(t::VARCHAR, '\n' ORDER BY {order})"
-            row = self.con.execute(
-                f"SELECT count(*), coalesce(md5({agg}), '') FROM {table} t"
-            ).fetchone()
-            assert row is not None
-            out[table] = f"{row[0]}:{row[1]}"
-        return out
-
-    def close_sync(self) -> None:
-        if self.con is not None:
-            self.con.close()
-            self.con = None
-
-    async def close(self) -> None:
-        await self.run(self.close_sync)
-        self._pool.shutdown(wait=True)
-
-
-def _naive(value: Any) -> Any:
-    return utc(value) if value is not None else None
 
 
 class Projector:
@@ -250,20 +137,52 @@ class Projector:
                 await listener(self.status)
 
 
-async def build(events: EventLog, path: Path | str, *, stop: int | None = None) -> ReadModels:
+async def build(
+    events: EventLog,
+    path: Path | str,
+    *,
+    stop: int | None = None,
+    worker: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ReadModels:
     """Project the log from sequence 1 up to ``stop`` (default: its end now) into a new
-    database at ``path``, and return it open."""
-    models = ReadModels(path)
-    await models.open()
+    database at ``path``, and return it open.
+
+    ``worker``: fold in a second process while this one receives (default: for
+    :data:`REBUILD_MIN` events or more). A log read with a registry of its own (upcasters
+    defined at run time) is always folded here, where that registry lives. ``progress`` is
+    told the last sequence applied here, or handed to the worker, every few thousand.
+    """
     if stop is None:
         stop = await events.stream_last_seq()
+    if worker is None:
+        worker = stop >= REBUILD_MIN
+    if worker and stop > 0 and events.registry is REGISTRY:
+        report = await rebuild.rebuild(events, path, stop, progress=progress)
+        log.info(
+            "rebuilt the read models from %d events in a worker process (%.1f s CPU, "
+            "peak memory %.0f MB)",
+            report.seq,
+            report.cpu_s,
+            report.peak_mb,
+            extra={"action": "rebuilt", "worker": report},
+        )
+        models = ReadModels(path)
+        await models.open()
+        return models
+    models = ReadModels(path)
+    await models.open()
     batch: list[Event[Any]] = []
     if stop > 0:
         async for event in events.read(start=1, stop=stop):
             batch.append(event)
             if len(batch) >= REPLAY_BATCH:
-                await models.run(models.apply_sync, batch)
+                applied = await models.run(models.apply_sync, batch)
                 batch = []
+                if progress is not None:
+                    progress(applied)
         if batch:
-            await models.run(models.apply_sync, batch)
+            applied = await models.run(models.apply_sync, batch)
+            if progress is not None:
+                progress(applied)
     return models
