@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from shipyard.errors import ConfigError
 from shipyard.events.dispatch import NAME_PATTERN
+from shipyard.events.log import STREAM
 from shipyard.instance import read_info, write_private
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ ROLES: tuple[Role, ...] = ("service", "admin", "dispatcher", "viewer", "builder"
 USERS_FILE = "users.json"
 INBOX = "_INBOX"
 _NAME = re.compile(NAME_PATTERN.strip("^$"))
-STREAM = "SHIPYARD"  # the event log's stream (shipyard.events.log.STREAM)
 
 # Queries anyone may ask; ``inbox`` is scoped per agent for builders.
 READ_QUERIES = (

@@ -20,7 +20,7 @@ import re
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats
@@ -30,10 +30,12 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
-from shipyard.access import Credentials
 from shipyard.errors import AppendFailed, ConcurrencyConflict, ConnectionFailed, StreamMissing
 from shipyard.events.envelope import SUBJECT_PREFIX, Event, aggregate_subject, decode, encode
 from shipyard.events.types import REGISTRY, Registry
+
+if TYPE_CHECKING:
+    from shipyard.access import Credentials
 
 log = logging.getLogger(__name__)
 
