@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -205,17 +203,6 @@ async def fold(log: EventLog) -> Folded:
     return folded
 
 
-def chromium() -> str | None:
-    """Chromium, if installed; its absence fails the test only where it is required."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    if os.environ.get("SHIPYARD_REQUIRE_BROWSER") == "1":
-        pytest.fail("Chromium is required here (SHIPYARD_REQUIRE_BROWSER=1) but is not installed")
-    return None
-
-
 async def build_history_says(gateway: c.ShipyardUp, browser_path: str) -> str:
     """The Build History panel's count, in headless Chromium, once it shows every run."""
     from playwright.async_api import async_playwright, expect
@@ -266,6 +253,8 @@ async def test_killing_the_stream_leader_mid_burst_runs_every_task_exactly_once(
     launched = Counter(deployment.launches.read_text().split())
     assert launched == dict.fromkeys(tasks, 1), "a builder launched twice, or never"
 
-    browser_path = chromium()
+    from tests.test_dashboard import find_chromium  # needs playwright
+
+    browser_path = find_chromium()
     if browser_path is not None:
         assert await build_history_says(deployment.gateway, browser_path) == f"{BURST} runs"

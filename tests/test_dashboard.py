@@ -31,14 +31,22 @@ CHROMIUM_ARGS = [
 SHOTS = os.environ.get("SHIPYARD_SCREENSHOTS", "")  # a folder: save the README's screenshots
 
 
-def chromium() -> str:
+def find_chromium() -> str | None:
+    """Chromium, if installed; its absence fails the test only where it is required."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
         found = shutil.which(name)
         if found:
             return found
     if os.environ.get("SHIPYARD_REQUIRE_BROWSER") == "1":
         pytest.fail("Chromium is required here (SHIPYARD_REQUIRE_BROWSER=1) but is not installed")
-    pytest.skip("Chromium is not installed (apt-get install chromium)")
+    return None
+
+
+def chromium() -> str:
+    found = find_chromium()
+    if found is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    return found
 
 
 TOML = """
