@@ -190,13 +190,19 @@ async def fresh_server(parent: str | None, prefix: str) -> AsyncIterator[tuple[P
     """A temporary directory with an embedded nats-server running in it (``shipyard up``'s
     configuration: every write synced)."""
     with tempfile.TemporaryDirectory(prefix=f"shipyard-bench-{prefix}-", dir=parent) as tmp:
-        root = Path(tmp)
-        server = EmbeddedNats(root / "nats")
-        await asyncio.to_thread(server.start)
-        try:
-            yield root, server
-        finally:
-            await asyncio.to_thread(server.stop)
+        async with serving(Path(tmp)) as server:
+            yield Path(tmp), server
+
+
+@contextlib.asynccontextmanager
+async def serving(root: Path) -> AsyncIterator[EmbeddedNats]:
+    """The embedded nats-server on the store under ``root``, running until the block ends."""
+    server = EmbeddedNats(root / "nats")
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 def _die_with_parent() -> None:

@@ -447,9 +447,5 @@ async def stored(
         c.note(
             f"  {written:,} events in {time.perf_counter() - started:.1f}s; restarting the server"
         )
-        server = EmbeddedNats(root / "nats")
-        await asyncio.to_thread(server.start)
-        try:
+        async with c.serving(root) as server:
             yield root, server
-        finally:
-            await asyncio.to_thread(server.stop)

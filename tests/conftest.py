@@ -21,6 +21,15 @@ from shipyard.handler.service import Handler
 from shipyard.projections.projector import Projector, ReadModels
 
 
+def alive(pid: int) -> bool:
+    """Whether a process with this id exists (a zombie counts until it is reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A fresh nats-server with JetStream; its store lives in the test's tmp dir."""

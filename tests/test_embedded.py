@@ -19,7 +19,7 @@ from shipyard.errors import AlreadyRunning
 from shipyard.events.envelope import make
 from shipyard.events.log import EventLog, connect
 from shipyard.events.types import TaskDispatched
-from tests.conftest import Up
+from tests.conftest import Up, alive
 from tests.samples import dispatch_body
 
 
@@ -33,14 +33,6 @@ def wait_gone(pid: int, timeout: float = 15) -> bool:
         return bool(select.select([fd], [], [], timeout)[0])
     finally:
         os.close(fd)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_server_is_loopback_only_and_takes_a_free_port(tmp_path: Path) -> None:

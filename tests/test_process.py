@@ -12,6 +12,7 @@ import pytest
 
 from shipyard.handler import process
 from shipyard.handler.process import BuilderProcess, WaitingGuard
+from tests.conftest import alive
 
 pytestmark = pytest.mark.skipif(not process.PRESTART, reason="waiting guards need pidfd_open")
 
@@ -23,14 +24,6 @@ print(os.environ.get("PROBE", "-"))
 print(repr(sys.stdin.read()))
 print(os.getpgid(0) == os.getppid())
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def gone(pid: int, within: float = 5.0) -> bool:
